@@ -1,0 +1,306 @@
+"""msgspec Structs for every message on the wire: envelopes, events and each method's params and result.
+
+These types are the single source of truth: the dispatcher validates with them, the JSON Schema is
+generated from them, and the docs and client types follow the schema.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+import msgspec
+
+RequestId = Union[int, str]
+
+
+class Params(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of every params struct: unknown fields are an error, never silently ignored."""
+
+
+class Result(msgspec.Struct):
+    """Base of every result struct."""
+
+
+class Event(msgspec.Struct, omit_defaults=True):
+    """Base of every event payload; absent optional fields are left out of the line."""
+
+
+# ----- envelopes (documented in the schema; the dispatcher parses these by hand for precise errors)
+
+
+class Request(msgspec.Struct):
+    method: str
+    id: RequestId
+    params: dict[str, Any] | None = None
+    jsonrpc: Literal["2.0"] = "2.0"
+
+
+class Notification(msgspec.Struct):
+    method: str
+    params: dict[str, Any] | None = None
+    jsonrpc: Literal["2.0"] = "2.0"
+
+
+class ErrorObject(msgspec.Struct, omit_defaults=True):
+    code: int
+    message: str
+    data: dict[str, Any] | None = None
+
+
+class Response(msgspec.Struct, omit_defaults=True):
+    id: RequestId | None
+    result: Any = None
+    error: ErrorObject | None = None
+    jsonrpc: Literal["2.0"] = "2.0"
+
+
+# ----- events (sidecar -> host notifications tied to a request id)
+
+
+class ProgressEvent(Event):
+    """`$/progress`: `step` never goes backwards for one request; about 10 per second, the last always sent."""
+
+    id: RequestId
+    stage: str
+    step: int | None = None
+    total: int | None = None
+    message: str | None = None
+    metrics: dict[str, float] | None = None
+    position: int | None = None
+
+
+class TokenEvent(Event):
+    """`$/token`: `seq` counts from 0 without gaps; `text` holds whole code points only."""
+
+    id: RequestId
+    seq: int
+    text: str
+
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class LogEvent(Event):
+    """`$/log`: something the host should show its user (a fallback taken, a row skipped)."""
+
+    id: RequestId
+    level: LogLevel
+    message: str
+    data: dict[str, Any] | None = None
+
+
+class CancelParams(Params):
+    """`$/cancel` (host -> sidecar): unknown or finished ids are ignored."""
+
+    id: RequestId
+
+
+# ----- lifecycle
+
+
+class ClientInfo(Params):
+    name: str
+    version: str | None = None
+
+
+class ClientCapabilities(Params):
+    allowNetwork: bool = False
+
+
+class InitializeParams(Params):
+    protocolVersion: str
+    clientInfo: ClientInfo | None = None
+    processId: int | None = None
+    capabilities: ClientCapabilities | None = None
+
+
+class ServerInfo(Result):
+    name: str
+    version: str
+    pid: int
+    python: str
+    torch: str | None
+    llama_cpp: str | None
+    coremltools: str | None
+
+
+class MethodInfo(Result):
+    runs_in: Literal["sidecar", "worker"]
+    cancellable: bool
+
+
+class ServerCapabilities(Result):
+    methods: dict[str, MethodInfo]
+    devices: list[str]
+    maxMessageBytes: int
+    maxConcurrentJobs: int
+    maxQueuedJobs: int
+
+
+class InitializeResult(Result):
+    protocolVersion: str
+    serverInfo: ServerInfo
+    capabilities: ServerCapabilities
+
+
+class Empty(Params):
+    pass
+
+
+class EmptyResult(Result):
+    pass
+
+
+class JobInfo(Result):
+    id: RequestId
+    method: str
+    state: Literal["running", "queued"]
+    started: float | None
+    position: int | None
+    stage: str | None
+    step: int | None
+    total: int | None
+    pid: int | None
+
+
+class ModelInfo(Result):
+    model: str
+    path: str
+    runtime: str
+    device: str
+    dtype: str
+    memory_bytes: int
+    in_use: int
+    loaded_at: float
+    keep_alive_s: float | None
+    expires_at: float | None
+    adapters: list[str] = []
+
+
+class PoolInfo(Result):
+    budget_bytes: int
+    used_bytes: int
+    loading: list[str]
+
+
+class StatusResult(Result):
+    uptime_s: float
+    jobs: list[JobInfo]
+    models: list[ModelInfo]
+    pool: PoolInfo
+    max_concurrent_jobs: int
+    max_queued_jobs: int
+
+
+class ShutdownResult(Result):
+    cancelled: list[RequestId]
+
+
+# ----- model pool
+
+KeepAlive = Union[str, int, float]
+
+
+class LoadOptions(Params):
+    """Options that change what is loaded; two loads with different options are different pool entries."""
+
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    n_ctx: int | None = None
+    n_threads: int | None = None
+    n_gpu_layers: int | None = None
+
+
+class ModelsLoadParams(Params):
+    model: str
+    runtime: Literal["auto", "transformers", "llama.cpp"] = "auto"
+    options: LoadOptions = msgspec.field(default_factory=LoadOptions)
+    keep_alive: KeepAlive | None = None
+
+
+class ModelsListResult(Result):
+    models: list[ModelInfo]
+
+
+class ModelsUnloadParams(Params):
+    model: str
+    runtime: Literal["any", "transformers", "llama.cpp"] = "any"
+
+
+class ModelsUnloadResult(Result):
+    unloaded: list[ModelInfo]
+
+
+# ----- artifact registry
+
+
+class Artifact(Result):
+    id: str
+    kind: str
+    name: str | None
+    path: str
+    parents: list[str]
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    versions: dict[str, str]
+    run_id: str | None
+    created: float
+    size_bytes: int
+
+
+class ArtifactsListParams(Params):
+    kind: str | None = None
+    parent: str | None = None
+    limit: int = 100
+
+
+class ArtifactsListResult(Result):
+    artifacts: list[Artifact]
+
+
+class ArtifactsGetParams(Params):
+    id: str
+
+
+# ----- diagnostic methods (only with --debug): exercise the job engine before the real long methods exist
+
+
+class DebugSleepParams(Params):
+    """A long job in a worker process that sleeps in `steps` slices, reporting progress."""
+
+    seconds: float = 1.0
+    steps: int = 10
+    write_stdout: bool = False
+    fail: str | None = None
+
+
+class DebugSleepResult(Result):
+    steps: int
+    slept_s: float
+    pid: int
+
+
+class DebugStreamParams(Params):
+    """Streams `count` tokens from inside the sidecar, as generation will."""
+
+    count: int = 100
+    text: str = "tok "
+    delay_ms: float = 0.0
+
+
+class DebugStreamResult(Result):
+    count: int
+    text: str
+
+
+class DebugCrashParams(Params):
+    """Kills its own worker process in the chosen way, to prove the sidecar survives it."""
+
+    mode: Literal["sigkill", "segfault", "exit", "raise", "memory_error"] = "sigkill"
+    after_s: float = 0.0
+
+
+class DebugPrintResult(Result):
+    wrote: list[str]

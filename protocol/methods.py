@@ -1,0 +1,43 @@
+"""The method table of the contract: each method's params and result types and where it runs.
+
+`runs_in="worker"` marks the long jobs that run in worker processes behind the bounded job queue;
+`debug=True` methods exist only when the sidecar is started with `--debug`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+from protocol import messages as m
+
+
+class MethodContract(NamedTuple):
+    params: type[m.Params]
+    result: type
+    runs_in: Literal["sidecar", "worker"]
+    summary: str
+    debug: bool = False
+
+
+METHODS: dict[str, MethodContract] = {
+    "initialize": MethodContract(m.InitializeParams, m.InitializeResult, "sidecar", "Negotiate the protocol version and learn the sidecar's capabilities."),
+    "ping": MethodContract(m.Empty, m.EmptyResult, "sidecar", "Liveness check, answered promptly even while jobs compute."),
+    "status": MethodContract(m.Empty, m.StatusResult, "sidecar", "Running and queued jobs, loaded models with their memory, the pool's budget."),
+    "shutdown": MethodContract(m.Empty, m.ShutdownResult, "sidecar", "Stop accepting work and cancel running jobs; the process exits when stdin closes."),
+    "models/list": MethodContract(m.Empty, m.ModelsListResult, "sidecar", "Models loaded in the pool."),
+    "models/load": MethodContract(m.ModelsLoadParams, m.ModelInfo, "sidecar", "Load (warm) a model into the pool, with progress."),
+    "models/unload": MethodContract(m.ModelsUnloadParams, m.ModelsUnloadResult, "sidecar", "Unload a model from the pool (waits until no request uses it)."),
+    "artifacts/list": MethodContract(m.ArtifactsListParams, m.ArtifactsListResult, "sidecar", "Artifacts in the registry, newest first."),
+    "artifacts/get": MethodContract(m.ArtifactsGetParams, m.Artifact, "sidecar", "One artifact of the registry by id."),
+    "debug/sleep": MethodContract(m.DebugSleepParams, m.DebugSleepResult, "worker", "Diagnostic long job: sleeps in a worker with progress.", debug=True),
+    "debug/stream": MethodContract(m.DebugStreamParams, m.DebugStreamResult, "sidecar", "Diagnostic: streams tokens from the sidecar process.", debug=True),
+    "debug/crash": MethodContract(m.DebugCrashParams, m.EmptyResult, "worker", "Diagnostic: kills its own worker process.", debug=True),
+    "debug/print": MethodContract(m.Empty, m.DebugPrintResult, "sidecar", "Diagnostic: writes to fd 1 from the sidecar and from a child process.", debug=True),
+}
+
+NOTIFICATIONS: dict[str, type] = {
+    "$/progress": m.ProgressEvent,
+    "$/token": m.TokenEvent,
+    "$/log": m.LogEvent,
+    "$/cancel": m.CancelParams,
+}

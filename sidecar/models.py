@@ -1,0 +1,116 @@
+"""Model references: what a request may name, and how each resolves to files on this machine.
+
+A reference is `builtin:NAME`, a registry artifact id (optionally `artifact:ID`), a local directory
+or file inside the allowed roots, or a Hugging Face id found in the local cache (downloaded only
+when the host allows network). What cannot be resolved fails with kind `model_not_found` and the
+list of what was tried.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidecar.config import Config
+from sidecar.paths import PathNotAllowed, PathPolicy
+
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+BUILTINS = ("tiny",)
+
+
+class ModelNotFound(Exception):
+    error_kind = "model_not_found"
+
+    def __init__(self, reference: str, tried: list[str]) -> None:
+        super().__init__(f"model {reference!r} not found; tried: " + "; ".join(tried))
+        self.error_detail = {"model": reference, "tried": tried}
+
+
+class PathRefused(Exception):
+    error_kind = "path_not_allowed"
+
+    def __init__(self, exc: PathNotAllowed) -> None:
+        super().__init__(str(exc))
+        self.error_detail = {"path": str(exc.path), "roots": [str(r) for r in exc.roots]}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    reference: str
+    path: Path
+    source: str  # builtin | artifact | local | hf-cache
+    artifact_id: str | None = None
+
+
+class ModelResolver:
+    def __init__(self, config: Config, paths: PathPolicy, registry: Callable[[], Any]) -> None:
+        self.config = config
+        self.paths = paths
+        self._registry = registry
+
+    def resolve(self, reference: str, progress: Callable[[int, int, str], None] | None = None) -> ResolvedModel:
+        """May take seconds (building a builtin, reading the HF cache): call it off the event loop."""
+        reference = reference.strip()
+        if reference.startswith("builtin:"):
+            return self._builtin(reference, progress)
+        tried: list[str] = []
+        artifact_id = reference.removeprefix("artifact:")
+        record = self._registry().get_artifact(artifact_id)
+        if record is not None:
+            return ResolvedModel(reference, Path(record.path), "artifact", record.id)
+        tried.append(f"registry: no artifact with id {artifact_id!r}")
+        if reference.startswith("artifact:"):
+            raise ModelNotFound(reference, tried)
+        local = Path(os.path.expanduser(reference))
+        if local.exists():
+            try:
+                return ResolvedModel(reference, self.paths.check(local, must_exist=True), "local")
+            except PathNotAllowed as exc:
+                raise PathRefused(exc) from None
+        tried.append(f"local path: {local.absolute()} does not exist")
+        if _HF_ID.match(reference):
+            found = self._hf_cache(reference, tried)
+            if found is not None:
+                return ResolvedModel(reference, found, "hf-cache")
+        else:
+            tried.append("Hugging Face: not an 'org/name' id")
+        raise ModelNotFound(reference, tried)
+
+    def _builtin(self, reference: str, progress: Callable[[int, int, str], None] | None) -> ResolvedModel:
+        name = reference.removeprefix("builtin:")
+        if name not in BUILTINS:
+            raise ModelNotFound(reference, [f"builtin: unknown name {name!r}; builtins are " + ", ".join(f"builtin:{b}" for b in BUILTINS)])
+        from runtimes.tiny import TINY_VERSION, build_tiny_model
+
+        dest = self.config.home / "models" / "builtin" / TINY_VERSION
+        if not (dest / "config.json").exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            registry = self._registry()
+            try:
+                with registry.write_artifact("model", dest, name=reference, params={"recipe": TINY_VERSION}) as pending:
+                    pending.metrics = build_tiny_model(pending.path, progress)
+            except (FileExistsError, OSError):
+                if not (dest / "config.json").exists():  # not a lost race with another process: a real failure
+                    raise
+        return ResolvedModel(reference, dest, "builtin")
+
+    def _hf_cache(self, repo_id: str, tried: list[str]) -> Path | None:
+        try:
+            from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import LocalEntryNotFoundError
+        except ImportError:
+            tried.append("Hugging Face cache: huggingface_hub is not installed")
+            return None
+        offline = not self.config.allow_network
+        try:
+            return Path(snapshot_download(repo_id, local_files_only=offline))
+        except LocalEntryNotFoundError:
+            hint = " (network downloads are off: start with --allow-network or send capabilities.allowNetwork)" if offline else ""
+            tried.append(f"Hugging Face cache: {repo_id!r} is not cached{hint}")
+        except Exception as exc:  # noqa: BLE001 - any hub failure is one more thing tried
+            tried.append(f"Hugging Face: {type(exc).__name__}: {exc}")
+        return None

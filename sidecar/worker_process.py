@@ -1,0 +1,109 @@
+"""The child side of a worker: run one long job and report over the private wire.
+
+Started as `python -m sidecar.worker_process` by sidecar.workers. It dies with the sidecar:
+PR_SET_PDEATHSIG on Linux, and everywhere a read of its stdin that ends when the sidecar goes.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from sidecar import hostwatch, wire
+
+
+class WorkerContext:
+    """The same face as a Job in the sidecar (handlers.context.Context), speaking over the worker pipe."""
+
+    def __init__(self, request_id: Any, method: str, services: Any, wire_out: int) -> None:
+        self.id = request_id
+        self.method = method
+        self.services = services
+        self.cancelled = threading.Event()
+        self._wire_out = wire_out
+        self._lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = wire.encode(message)
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._wire_out, view):]
+
+    def progress(self, stage: str, step: int | None = None, total: int | None = None, message: str | None = None,
+                 metrics: dict[str, float] | None = None) -> None:
+        params = {"stage": stage, "step": step, "total": total, "message": message, "metrics": metrics}
+        self.send({"event": "progress", "params": params})
+
+    def token(self, text: str) -> None:
+        if text:
+            self.send({"event": "token", "text": text})
+
+    def log(self, level: str, message: str, data: dict[str, Any] | None = None) -> None:
+        self.send({"event": "log", "level": level, "message": message, "data": data})
+
+    def check_cancelled(self, partial: dict[str, Any] | None = None) -> None:
+        from protocol.errors import Cancelled
+
+        if self.cancelled.is_set():
+            raise Cancelled(partial)
+
+
+def _read_lines(fd: int):
+    splitter = wire.LineSplitter(1 << 30)
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return
+        yield from splitter.feed(chunk)
+
+
+def main() -> None:
+    wire_in, wire_out = wire.isolate_stdio()
+    faulthandler.enable()  # a segfault leaves a Python stack in the stderr tail the error carries
+    hostwatch.arm_parent_death_signal(signal.SIGKILL)
+    parent = int(os.environ.get("MLSIDECAR_PARENT_PID", "0"))
+    if parent and os.getppid() != parent:
+        os._exit(3)  # the sidecar died before we armed the signal
+    lines = _read_lines(wire_in)
+    spec = wire.decode(next(lines))
+
+    import msgspec
+
+    from handlers import implementation
+    from protocol.methods import METHODS
+    from sidecar.config import Config
+    from sidecar.failures import error_from_exception
+    from sidecar.services import Services
+
+    config = Config(**{**spec["config"], "home": __import__("pathlib").Path(spec["config"]["home"])})
+    ctx = WorkerContext(spec["id"], spec["method"], Services(config, with_pool=False), wire_out)
+
+    def watch_stdin() -> None:
+        for line in lines:
+            if isinstance(line, bytes) and wire.decode(line).get("cancel"):
+                ctx.cancelled.set()
+        os._exit(3)  # stdin closed: the sidecar is gone, nobody is left to report to
+
+    threading.Thread(target=watch_stdin, name="worker-stdin", daemon=True).start()
+    try:
+        params = msgspec.convert(spec["params"], METHODS[spec["method"]].params)
+        result = implementation(spec["method"])(params, ctx)
+        ctx.send({"result": msgspec.to_builtins(result)})
+    except BaseException as exc:  # noqa: BLE001 - everything becomes the job's one error
+        error = error_from_exception(exc)
+        if error.code == -32603:
+            import traceback
+
+            traceback.print_exc()
+        ctx.send({"error": error.to_wire()})
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

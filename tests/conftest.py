@@ -1,0 +1,84 @@
+"""Fixtures for end-to-end tests: a real `python -m sidecar` over real pipes, in a private home."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sidecar.client import SidecarProcess  # noqa: E402
+
+
+class Sidecar(SidecarProcess):
+    """SidecarProcess that records everything it reads, for assertions about events and responses."""
+
+    def __init__(self, args: list[str], env: dict[str, str], stderr_path: Path, cwd: str | None = None) -> None:
+        self.stderr_file = open(stderr_path, "wb")  # noqa: SIM115 - closed in close()
+        super().__init__(args, env=env, stderr=self.stderr_file, cwd=cwd)
+        self.stderr_path = stderr_path
+        self.seen: list[dict[str, Any]] = []
+
+    def read(self) -> dict[str, Any] | None:
+        message = super().read()
+        if message is not None:
+            self.seen.append(message)
+        return message
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The whole response message (result or error), events collected in self.seen."""
+        return self.wait_response(self.start(method, params))
+
+    def events(self, request_id: Any, method: str | None = None) -> list[dict[str, Any]]:
+        return [m["params"] for m in self.seen if "method" in m and m["params"].get("id") == request_id
+                and (method is None or m["method"] == method)]
+
+    def stderr(self) -> str:
+        if not self.stderr_file.closed:
+            self.stderr_file.flush()
+        return self.stderr_path.read_text(errors="replace")
+
+    def close(self, timeout: float = 30.0) -> int:
+        try:
+            return super().close(timeout)
+        finally:
+            self.stderr_file.close()
+
+
+@pytest.fixture(scope="session")
+def shared_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One home for the session, so builtin:tiny is built once."""
+    return tmp_path_factory.mktemp("home")
+
+
+def sidecar_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLSIDECAR_")}
+    env.update({"MLSIDECAR_HOME": str(home), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, **extra)
+    return env
+
+
+@pytest.fixture
+def spawn(tmp_path: Path, shared_home: Path) -> Iterator[Any]:
+    started: list[Sidecar] = []
+
+    def start(*args: str, home: Path | None = None, cwd: str | None = None, **env: str) -> Sidecar:
+        sidecar = Sidecar(list(args), sidecar_env(home or shared_home, **env), tmp_path / f"stderr-{len(started)}.log", cwd=cwd)
+        started.append(sidecar)
+        return sidecar
+
+    yield start
+    for sidecar in started:
+        if sidecar.proc.poll() is None:
+            sidecar.proc.kill()
+        sidecar.close(5)
+
+
+@pytest.fixture
+def sidecar(spawn: Any) -> Sidecar:
+    return spawn("--debug")
