@@ -44,8 +44,8 @@ async def load_model(params: m.ModelsLoadParams, ctx: Context) -> m.ModelInfo:
 
     lease = await ctx.services.pool.acquire(params.model, resolved.path, runtime, load_options(params.options),
                                             params.keep_alive, progress, lambda text: ctx.log("warning", text))
-    async with lease:
-        return lease.entry.info()
+    lease.release()  # loading is all this request wanted; keep_alive decides how long the model stays
+    return lease.entry.info()
 
 
 async def unload_model(params: m.ModelsUnloadParams, ctx: Context) -> m.ModelsUnloadResult:

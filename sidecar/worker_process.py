@@ -22,6 +22,7 @@ class WorkerContext:
     def __init__(self, request_id: Any, method: str, services: Any, wire_out: int) -> None:
         self.id = request_id
         self.method = method
+        self.run_id: str | None = None
         self.services = services
         self.cancelled = threading.Event()
         self._wire_out = wire_out
@@ -82,6 +83,7 @@ def main() -> None:
 
     config = Config(**{**spec["config"], "home": __import__("pathlib").Path(spec["config"]["home"])})
     ctx = WorkerContext(spec["id"], spec["method"], Services(config, with_pool=False), wire_out)
+    ctx.run_id = spec.get("run_id")
 
     def watch_stdin() -> None:
         for line in lines:

@@ -64,8 +64,10 @@ async def run_in_worker(job: "Job", config: Config) -> None:
 
     job.on_cancel.append(on_cancel)
     final: dict[str, Any] | None = None
+    params = _params_to_builtins(job.params)
+    run_id = job.services.registry.start_run(job.method, params)
     try:
-        send({"id": job.id, "method": job.method, "params": _params_to_builtins(job.params), "config": config.to_worker()})
+        send({"id": job.id, "method": job.method, "params": params, "config": config.to_worker(), "run_id": run_id})
         if job.cancelled.is_set():
             on_cancel()
         final = await _relay_events(proc, job)
@@ -79,7 +81,21 @@ async def run_in_worker(job: "Job", config: Config) -> None:
             await proc.wait()
         if not stderr_task.done():
             stderr_task.cancel()
-    job.finish(**_outcome(final, proc.returncode or 0, job, tail))
+    outcome = _outcome(final, proc.returncode or 0, job, tail)
+    _record_run(job, run_id, outcome)
+    job.finish(**outcome)
+
+
+def _record_run(job: "Job", run_id: str, outcome: dict[str, Any]) -> None:
+    error = outcome.get("error")
+    if error is None:
+        status = "succeeded"
+    else:
+        status = "cancelled" if error.code == ErrorCode.CANCELLED else "failed"
+    try:
+        job.services.registry.finish_run(run_id, status, error.to_wire() if error else None)
+    except Exception:  # noqa: BLE001 - bookkeeping must never change the request's answer
+        log.exception("could not record the end of run %s", run_id)
 
 
 def _outcome(final: dict[str, Any] | None, returncode: int, job: "Job", tail: collections.deque[str]) -> dict[str, Any]:

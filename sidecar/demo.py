@@ -1,0 +1,92 @@
+"""`python -m sidecar demo`: a scripted session through the real protocol, printed as it happens.
+
+It spawns `python -m sidecar` like a host app would and walks what exists so far: the handshake,
+the model pool with the built-in model, the registry, and a long job with progress and cancel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from protocol.version import PROTOCOL_VERSION
+from sidecar.call import TerminalView
+from sidecar.client import SidecarProcess
+
+
+def show(title: str, request: dict[str, Any] | None = None) -> None:
+    print(f"\n== {title}")
+    if request is not None:
+        print("-> " + json.dumps(request))
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sidecar demo", description=__doc__)
+    parser.add_argument("--model", default="builtin:tiny", help="model reference to load (default builtin:tiny)")
+    args = parser.parse_args(argv)
+    view = TerminalView()
+    env = dict(os.environ)
+    env.setdefault("MLSIDECAR_LOG_LEVEL", "WARNING")
+    with SidecarProcess(["--debug"], env=env) as sidecar:
+        def call(method: str, params: dict[str, Any] | None = None) -> Any:
+            show(method, {"method": method, "params": params or {}})
+            result = sidecar.request(method, params, on_event=view.event)
+            view.end()
+            return result
+
+        started = time.perf_counter()
+        info = call("initialize", {"protocolVersion": PROTOCOL_VERSION, "clientInfo": {"name": "demo"}, "processId": os.getpid()})
+        server = info["serverInfo"]
+        print(f"<- {server['name']} {server['version']} (pid {server['pid']}, python {server['python']}, torch {server['torch']}, "
+              f"llama.cpp {server['llama_cpp']}), protocol {info['protocolVersion']}, answered {time.perf_counter() - started:.2f}s after spawn")
+        print(f"   methods: {', '.join(info['capabilities']['methods'])}")
+
+        t0 = time.perf_counter()
+        for _ in range(100):
+            sidecar.request("ping")
+        show("ping x100")
+        print(f"<- mean round trip {(time.perf_counter() - t0) * 10:.2f} ms")
+
+        loaded = call("models/load", {"model": args.model, "keep_alive": "10m"})
+        print(f"<- {loaded['model']} on {loaded['device']} ({loaded['dtype']}), {mib(loaded['memory_bytes'])}, path {loaded['path']}")
+
+        models = call("models/list")["models"]
+        for model in models:
+            print(f"<- loaded: {model['model']} runtime={model['runtime']} in_use={model['in_use']} keep_alive_s={model['keep_alive_s']}")
+
+        artifacts = call("artifacts/list", {"limit": 5})["artifacts"]
+        for artifact in artifacts:
+            print(f"<- artifact {artifact['id']} ({artifact['kind']}, {artifact['name']}) {mib(artifact['size_bytes'])}")
+
+        job = call("debug/sleep", {"seconds": 1.0, "steps": 10})
+        print(f"<- a long job ran in worker process {job['pid']} ({job['steps']} steps, {job['slept_s']}s)")
+
+        show("debug/sleep, cancelled after its first progress event")
+        request_id = sidecar.start("debug/sleep", {"seconds": 30, "steps": 300})
+        for message in sidecar.messages():
+            if message.get("method") == "$/progress":
+                view.event(message)
+                sidecar.notify("$/cancel", {"id": request_id})
+                break
+        response = sidecar.wait_response(request_id, view.event)
+        view.end()
+        print(f"<- error {response['error']['code']} {response['error']['message']}: partial {response['error']['data']['partial']}")
+
+        status = call("status")
+        print(f"<- {len(status['jobs'])} jobs, {len(status['models'])} models, pool {mib(status['pool']['used_bytes'])} "
+              f"of {mib(status['pool']['budget_bytes'])}")
+
+        unloaded = call("models/unload", {"model": args.model})["unloaded"]
+        print(f"<- unloaded {len(unloaded)} model(s)")
+        call("shutdown")
+    code = sidecar.proc.returncode
+    print(f"\nthe sidecar exited with code {code}")
+    return 0 if code == 0 else 1
