@@ -90,3 +90,13 @@ def test_start_up_does_not_import_heavy_libraries(tmp_path: Path, shared_home: P
             "print('HEAVY', heavy, file=sys.stderr)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=sidecar_env(shared_home), cwd=ROOT)
     assert "HEAVY []" in result.stderr, result.stderr
+
+
+def test_workers_die_with_a_killed_sidecar(spawn):
+    sidecar = spawn("--debug")
+    job = sidecar.start("debug/sleep", {"seconds": 60, "steps": 600})
+    wait_for_event(sidecar, job)
+    worker = next(j["pid"] for j in sidecar.call("status")["result"]["jobs"] if j["id"] == job)
+    sidecar.proc.kill()
+    sidecar.proc.wait()
+    assert pid_gone(worker, 2.0)
