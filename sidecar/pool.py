@@ -197,11 +197,12 @@ class ModelPool:
             warn(f"the model pool is over its budget ({self.used_bytes + needed} > {self.budget_bytes} bytes) "
                  "because every loaded model is in use")
 
-    def _unload(self, entry: PoolEntry) -> None:
+    def _unload(self, entry: PoolEntry) -> asyncio.Future:
+        """Drop the entry now; free its memory on a thread so the loop (and ping) never waits on it."""
         self._cancel_expiry(entry)
         if self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
-        entry.model.close()
+        return asyncio.get_running_loop().run_in_executor(None, entry.model.close)
 
     # ----- methods behind models/* and status
 
@@ -220,10 +221,9 @@ class ModelPool:
             while entry.refs > 0:
                 await entry.released.wait()
             info = entry.info()
-            self._unload(entry)
+            await self._unload(entry)
             unloaded.append(info)
         return unloaded
 
     async def close(self) -> None:
-        for entry in list(self._entries.values()):
-            self._unload(entry)
+        await asyncio.gather(*(self._unload(entry) for entry in list(self._entries.values())))

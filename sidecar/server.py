@@ -60,10 +60,21 @@ class Server:
         await wire.open_reader(self.loop, self.wire_in, self.on_data, self.on_eof)
         self._install_signals()
         self._spawn(hostwatch.watch_host(self._original_ppid, lambda: self.host_pid, self.on_host_gone))
+        self._spawn(asyncio.to_thread(self._sweep_temporaries))
         await self._done.wait()
         await self.writer.close()
         self.services.close()
         return 0
+
+    def _sweep_temporaries(self) -> None:
+        """Remove half-written artifact directories that a crashed process left behind."""
+        from sidecar.registry import sweep_stale_temporaries
+
+        for folder in (self.config.home / "models" / "builtin", self.config.home / "artifacts"):
+            if folder.is_dir():
+                removed = sweep_stale_temporaries(folder)
+                if removed:
+                    log.info("removed %d stale temporary artifact(s) under %s", removed, folder)
 
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = self.loop.create_task(coro)
@@ -103,6 +114,7 @@ class Server:
                 ))
             else:
                 self.on_line(line)
+        self.writer.flush()  # answers to this chunk leave in this loop pass, not the next
 
     def on_eof(self) -> None:
         if os.getppid() != self._original_ppid:
@@ -171,6 +183,9 @@ class Server:
     # ----- requests
 
     def on_request(self, request_id: Any, method: str, raw_params: Any) -> None:
+        if method == "ping" and not raw_params and request_id not in self.active:
+            self.writer.send(wire.encode({"jsonrpc": "2.0", "id": request_id, "result": {}}))
+            return  # the hot path of liveness checks: nothing to validate, nothing to track
         if request_id in self.active:
             self.send_error(None, RpcError(ErrorCode.INVALID_REQUEST,
                                            f"invalid request: id {request_id!r} is already in flight; use a new id per request",

@@ -130,3 +130,17 @@ def test_builtin_model_is_a_registered_artifact(spawn, tiny_path):
     missing = sidecar.call("artifacts/get", {"id": "nope"})["error"]
     assert missing["data"]["kind"] == "artifact_not_found"
     assert sidecar.call("artifacts/list", {"limit": 0})["error"]["code"] == -32602
+
+
+def test_hugging_face_ids_resolve_from_the_local_cache_only(spawn, tiny_path, tmp_path):
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--someorg--tiny-llama"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_path, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    sidecar = spawn("--allow-root", str(tmp_path), HF_HUB_CACHE=str(cache))
+    loaded = sidecar.call("models/load", {"model": "someorg/tiny-llama", "keep_alive": 0})["result"]
+    assert loaded["path"] == str(repo / "snapshots" / commit)
+    error = sidecar.call("models/load", {"model": "someorg/not-cached"})["error"]
+    assert error["data"]["kind"] == "model_not_found" and "not cached" in error["message"]

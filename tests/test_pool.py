@@ -112,6 +112,7 @@ def test_keep_alive_zero_unloads_when_the_last_lease_ends_and_negative_keeps():
         lease = await pool.acquire("m", "/m", runtime, {}, keep_alive=0)
         model = lease.model
         lease.release()
+        await asyncio.sleep(0.05)
         assert pool.models() == [] and model.closed
         (await pool.acquire("k", "/k", runtime, {}, keep_alive=-1)).release()
         (await pool.acquire("t", "/t", runtime, {}, keep_alive="100ms")).release()
