@@ -380,10 +380,22 @@ async def serve(config: Config, wire_in: int, wire_out: int) -> int:
     return await server.serve()
 
 
+def _loop_factory() -> Any:
+    """uvloop where installed (it halves the per-message cost of the loop); asyncio's own otherwise."""
+    if os.environ.get("MLSIDECAR_EVENT_LOOP", "auto") == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def run(config: Config, wire_in: int, wire_out: int) -> None:
     level = os.environ.get("MLSIDECAR_LOG_LEVEL") or ("DEBUG" if config.debug else "INFO")
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s sidecar[%(process)d] %(levelname)s %(message)s")
-    code = asyncio.run(serve(config, wire_in, wire_out))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        code = runner.run(serve(config, wire_in, wire_out))
     sys.stderr.flush()
     os._exit(code)  # executor threads (a model mid-step) must not hold the exit
