@@ -14,6 +14,7 @@ IMPLEMENTATIONS: dict[str, str] = {
     "models/list": "handlers.models:list_models",
     "models/load": "handlers.models:load_model",
     "models/unload": "handlers.models:unload_model",
+    "generate": "handlers.generate:generate",
     "artifacts/list": "handlers.artifacts:list_artifacts",
     "artifacts/get": "handlers.artifacts:get_artifact",
     "debug/sleep": "handlers.debug:sleep",

@@ -26,24 +26,28 @@ async def list_models(params: m.Empty, ctx: Context) -> m.ModelsListResult:
     return m.ModelsListResult(ctx.services.pool.models())
 
 
-async def load_model(params: m.ModelsLoadParams, ctx: Context) -> m.ModelInfo:
+async def acquire_model(ctx: Context, reference: str, runtime_name: str, options: m.LoadOptions,
+                        keep_alive: m.KeepAlive | None, extra_options: dict | None = None):
+    """Resolve, pick the runtime and lease the model from the pool (loading it with progress if needed)."""
     from runtimes.registry import pick_runtime
-    from sidecar.pool import InvalidKeepAlive
+    from sidecar.pool import InvalidKeepAlive, parse_keep_alive
 
     try:
-        from sidecar.pool import parse_keep_alive
-
-        parse_keep_alive(params.keep_alive)
+        parse_keep_alive(keep_alive)
     except InvalidKeepAlive as exc:
         raise RpcError.invalid_params("params.keep_alive", str(exc)) from None
-    resolved = await resolve(ctx, params.model)
-    runtime = pick_runtime(resolved.path, params.runtime)
+    resolved = await resolve(ctx, reference)
+    runtime = pick_runtime(resolved.path, runtime_name)
 
     def progress(step: int, total: int, message: str) -> None:
         ctx.progress("load", step, total, message)
 
-    lease = await ctx.services.pool.acquire(params.model, resolved.path, runtime, load_options(params.options),
-                                            params.keep_alive, progress, lambda text: ctx.log("warning", text))
+    return await ctx.services.pool.acquire(reference, resolved.path, runtime, {**load_options(options), **(extra_options or {})},
+                                           keep_alive, progress, lambda text: ctx.log("warning", text))
+
+
+async def load_model(params: m.ModelsLoadParams, ctx: Context) -> m.ModelInfo:
+    lease = await acquire_model(ctx, params.model, params.runtime, params.options, params.keep_alive)
     lease.release()  # loading is all this request wanted; keep_alive decides how long the model stays
     return lease.entry.info()
 

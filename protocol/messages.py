@@ -233,6 +233,103 @@ class ModelsUnloadResult(Result):
     unloaded: list[ModelInfo]
 
 
+# ----- generate and embed
+
+
+class ChatMessage(Params):
+    role: str
+    content: str
+
+
+class AdapterRef(Params):
+    """An unmerged PEFT LoRA adapter (a directory or a registry artifact id) applied with a weight."""
+
+    adapter: str
+    weight: float = 1.0
+
+
+class GenerateParams(Params):
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    chat_template: str | None = None
+    add_generation_prompt: bool = True
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+    stop: list[str] = []
+    ignore_eos: bool = False
+    stream: bool = True
+    stream_interval_ms: float = 0.0
+    truncate: bool = False
+    adapters: list[AdapterRef] = []
+    runtime: Literal["auto", "transformers", "llama.cpp"] = "auto"
+    options: LoadOptions = msgspec.field(default_factory=LoadOptions)
+    keep_alive: KeepAlive | None = None
+
+
+class Usage(Result):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(Result):
+    load_ms: float
+    prompt_eval_ms: float
+    eval_ms: float
+    ttft_ms: float
+    tokens_per_s: float
+
+
+class GenerateResult(Result):
+    model: str
+    runtime: str
+    text: str
+    finish_reason: Literal["stop", "length", "cancelled"]
+    usage: Usage
+    timings: Timings
+    seed: int | None
+
+
+class EmbedParams(Params):
+    model: str
+    input: Union[str, list[str]]
+    normalize: bool = True
+    pooling: Literal["mean", "cls", "last"] | None = None
+    truncate: bool = True
+    encoding: Literal["float", "base64"] = "float"
+    batch_size: int = 32
+    runtime: Literal["auto", "transformers", "llama.cpp"] = "auto"
+    options: LoadOptions = msgspec.field(default_factory=LoadOptions)
+    keep_alive: KeepAlive | None = None
+
+
+class EmbedUsage(Result):
+    prompt_tokens: int
+
+
+class EmbedResult(Result):
+    """`embeddings` holds float lists or base64 strings (little-endian float32), one per input,
+    unless the result would exceed maxMessageBytes: then it is null and `path` names a .npy file."""
+
+    model: str
+    runtime: str
+    dimensions: int
+    count: int
+    pooling: str
+    normalized: bool
+    encoding: str
+    embeddings: Union[list[list[float]], list[str], None]
+    path: str | None
+    usage: EmbedUsage
+    timings: dict[str, float]
+
+
 # ----- artifact registry
 
 

@@ -9,6 +9,7 @@ from runtimes.base import Runtime, UnsupportedModel
 
 _RUNTIMES = {
     "transformers": "runtimes.transformers_lm:TransformersRuntime",
+    "llama.cpp": "runtimes.llama_cpp_lm:LlamaCppRuntime",
 }
 
 

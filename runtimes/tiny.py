@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-TINY_VERSION = "tiny-v1"  # bump whenever anything below changes the built bytes
+TINY_VERSION = "tiny-v2"  # bump whenever anything below changes the built bytes
 
 CORPUS_PATH = pathlib.Path(__file__).parent / "data" / "tiny_corpus.txt"
 STORY_SEPARATOR = "\n\n\n"  # stories in the corpus are separated by two blank lines
@@ -145,7 +145,8 @@ def _new_model(vocab_size: int) -> Any:
         **MODEL_DIMS,
     )
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    # <|im_end|> ends a chat answer, <|endoftext|> a document: either stops generation.
+    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=[0, 2], pad_token_id=0)
     return model
 
 
@@ -195,6 +196,7 @@ def _save_model(model: Any, out_dir: pathlib.Path) -> None:
     config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
     config.setdefault("rope_theta", MODEL_DIMS["rope_theta"])
     config.setdefault("torch_dtype", "float32")
+    config.setdefault("architectures", ["LlamaForCausalLM"])  # what loaders and converters dispatch on
     _write_json(out_dir / "config.json", dict(sorted(config.items())))
     tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,56 @@ class TransformersModel:
     memory_bytes: int
     is_causal_lm: bool
     runtime: str = "transformers"
-    adapters: list[str] = field(default_factory=list)
+    _adapters: Any = None
+
+    @property
+    def adapters(self) -> list[str]:
+        return [str(p) for p in self._adapters.loaded.values()] if self._adapters else []
+
+    # ----- the text-generation face (see runtimes/base.py TextModel)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.config.get("max_position_embeddings") or self.tokenizer.model_max_length)
+
+    def encode(self, text: str, *, chat: bool = False) -> list[int]:
+        """Rendered chat text carries its own special tokens; a plain prompt gets the model's BOS rule."""
+        return list(self.tokenizer.encode(text, add_special_tokens=not chat))
+
+    def render_chat(self, messages: list[dict[str, str]], template: str | None, add_generation_prompt: bool) -> str:
+        if template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise NoChatTemplate(self.path)
+        return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def stop_ids(self) -> set[int]:
+        ids: set[int] = set()
+        generation = getattr(self.model, "generation_config", None)
+        for value in (getattr(generation, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(value)
+        return ids
+
+    def detokenizer(self) -> Any:
+        from runtimes.text import HfDetokenizer
+
+        return HfDetokenizer(self.tokenizer)
+
+    def stream(self, prompt_ids: list[int], sampling: Any, max_tokens: int, adapters: list[tuple[Path, float]],
+               cancelled: Any) -> Any:
+        from runtimes.adapters import AdapterManager
+        from runtimes.transformers_generate import stream_token_ids
+
+        if adapters and self._adapters is None:
+            self._adapters = AdapterManager(self.model)
+        manager = self._adapters
+        if manager is None:
+            yield from stream_token_ids(self.model, prompt_ids, sampling, max_tokens, self.device, cancelled)
+            return
+        with manager.activated(adapters):
+            yield from stream_token_ids(self.model, prompt_ids, sampling, max_tokens, self.device, cancelled)
 
     def close(self) -> None:
         self.model = None
@@ -60,6 +109,14 @@ class TransformersModel:
                 torch.mps.empty_cache()
         except Exception:  # noqa: BLE001 - freeing is best effort; the references are gone already
             pass
+
+
+class NoChatTemplate(UnsupportedModel):
+    error_kind = "no_chat_template"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} has no chat template: send `prompt` instead of `messages`, or pass `chat_template` "
+                         "(a Jinja template) with the request", path=str(path))
 
 
 class TransformersRuntime:
@@ -86,6 +143,8 @@ class TransformersRuntime:
         progress(0, 3, "importing torch and transformers")
         import torch
         import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # stderr is for logs, not bars
 
         device = pick_device(options.get("device") or "auto")
         dtype = pick_dtype(options.get("dtype") or "auto", device, config)

@@ -65,6 +65,9 @@ class SidecarProcess:
 
     def wait_response(self, request_id: Any, on_event: Callable[[Message], None] | None = None) -> Message:
         """Read until the response to request_id; events go to on_event, other responses to backlog."""
+        for index, message in enumerate(self.backlog):
+            if message.get("id") == request_id:
+                return self.backlog.pop(index)
         for message in self.messages():
             if "method" in message:
                 if on_event is not None:

@@ -69,6 +69,7 @@ class PoolEntry:
     expiry: asyncio.TimerHandle | None = None
     expires_at: float | None = None
     released: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one request at a time computes on a model
 
     def info(self) -> m.ModelInfo:
         return m.ModelInfo(

@@ -82,3 +82,14 @@ def spawn(tmp_path: Path, shared_home: Path) -> Iterator[Any]:
 @pytest.fixture
 def sidecar(spawn: Any) -> Sidecar:
     return spawn("--debug")
+
+
+@pytest.fixture(scope="session")
+def tiny_path(shared_home: Path) -> Path:
+    """builtin:tiny, built once for the session through a real sidecar."""
+    sidecar = Sidecar([], sidecar_env(shared_home), shared_home / "build-stderr.log")
+    try:
+        result = sidecar.request("models/load", {"model": "builtin:tiny", "keep_alive": 0})
+    finally:
+        sidecar.close()
+    return Path(result["path"])

@@ -10,19 +10,6 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="module")
-def tiny_path(shared_home: Path) -> Path:
-    """Build builtin:tiny once through a real sidecar, so later tests load it quickly."""
-    from conftest import Sidecar, sidecar_env
-
-    sidecar = Sidecar([], sidecar_env(shared_home), shared_home / "build-stderr.log")
-    try:
-        result = sidecar.request("models/load", {"model": "builtin:tiny", "keep_alive": 0})
-    finally:
-        sidecar.close()
-    return Path(result["path"])
-
-
 def test_load_list_and_unload(spawn, tiny_path):
     sidecar = spawn()
     response = sidecar.call("models/load", {"model": "builtin:tiny", "keep_alive": "10m"})

@@ -1,0 +1,166 @@
+"""llama.cpp runtime through llama-cpp-python: GGUF files, with their own tokenizer, template and embeddings."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtimes.base import ProgressFn, UnsupportedModel
+from runtimes.text import Sampling, Utf8Stream
+
+
+class _BytesDetokenizer:
+    """llama.cpp gives each token's bytes; an incremental UTF-8 decoder keeps code points whole."""
+
+    def __init__(self, llama: Any) -> None:
+        self._llama = llama
+        self._utf8 = Utf8Stream()
+
+    def feed(self, token_id: int) -> str:
+        return self._utf8.feed(self._llama.detokenize([token_id]))
+
+    def flush(self) -> str:
+        return self._utf8.flush()
+
+
+@dataclass
+class LlamaCppModel:
+    llama: Any
+    path: Path
+    device: str
+    memory_bytes: int
+    embedding: bool
+    dtype: str = "gguf"
+    runtime: str = "llama.cpp"
+    adapters: tuple[str, ...] = ()
+
+    @property
+    def context_length(self) -> int:
+        return int(self.llama.n_ctx())
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.llama.metadata.get("tokenizer.chat_template")
+
+    def encode(self, text: str, *, chat: bool = False) -> list[int]:
+        add_bos = not chat and self.llama.metadata.get("tokenizer.ggml.add_bos_token", "true") != "false"
+        return list(self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+
+    def render_chat(self, messages: list[dict[str, str]], template: str | None, add_generation_prompt: bool) -> str:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        from runtimes.transformers_lm import NoChatTemplate
+
+        template = template or self.chat_template
+        if not template:
+            raise NoChatTemplate(self.path)
+        vocab = self.llama
+        formatter = Jinja2ChatFormatter(
+            template,
+            eos_token=vocab.detokenize([vocab.token_eos()], special=True).decode("utf-8", "replace"),
+            bos_token=vocab.detokenize([vocab.token_bos()], special=True).decode("utf-8", "replace"),
+            add_generation_prompt=add_generation_prompt,
+        )
+        return formatter(messages=messages).prompt
+
+    def stop_ids(self) -> set[int]:
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
+        return {t for t in range(self.llama.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+
+    def detokenizer(self) -> _BytesDetokenizer:
+        return _BytesDetokenizer(self.llama)
+
+    def stream(self, prompt_ids: list[int], sampling: Sampling, max_tokens: int, adapters: list, cancelled: threading.Event | None) -> Iterator[int]:
+        if adapters:
+            raise UnsupportedModel("llama.cpp applies GGUF LoRA adapters at load time: pass options.lora instead of adapters")
+        self.llama.set_seed(sampling.seed)
+        temp = 0.0 if sampling.greedy else sampling.temperature
+        tokens = self.llama.generate(prompt_ids, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
+                                     temp=temp, repeat_penalty=sampling.repeat_penalty, reset=True)
+        try:
+            for count, token in enumerate(tokens):
+                if count >= max_tokens:
+                    return
+                yield int(token)
+                if cancelled is not None and cancelled.is_set():
+                    return
+        finally:
+            tokens.close()
+
+    def embed_texts(self, texts: list[str], normalize: bool, truncate: bool) -> tuple[Any, int]:
+        import numpy as np
+
+        vectors, count = self.llama.embed(texts, normalize=normalize, truncate=truncate, return_count=True)
+        return np.asarray(vectors, dtype=np.float32), int(count)
+
+    def close(self) -> None:
+        llama, self.llama = self.llama, None
+        if llama is not None:
+            llama.close()
+
+
+DEFAULT_MAX_CONTEXT = 8192
+
+
+def trained_context_length(path: Path) -> int | None:
+    """The context the model was trained with, read from the GGUF header without loading the model."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch_field = reader.fields.get("general.architecture")
+    if arch_field is None:
+        return None
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+    field = reader.fields.get(f"{arch}.context_length")
+    return int(field.parts[field.data[0]][0]) if field is not None else None
+
+
+class LlamaCppRuntime:
+    name = "llama.cpp"
+
+    def can_load(self, path: Path) -> bool:
+        return path.is_file() and path.suffix == ".gguf"
+
+    def estimate_bytes(self, path: Path, options: dict[str, Any]) -> int:
+        return path.stat().st_size
+
+    def load(self, path: Path, options: dict[str, Any], progress: ProgressFn) -> LlamaCppModel:
+        if not self.can_load(path):
+            raise UnsupportedModel(f"{path} is not a .gguf file", path=str(path))
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise UnsupportedModel(f"{path} is not a GGUF file (bad magic)", path=str(path))
+        progress(0, 2, "importing llama.cpp")
+        import llama_cpp
+
+        n_gpu_layers = options.get("n_gpu_layers")
+        device = options.get("device") or "auto"
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if device != "cpu" and llama_cpp.llama_supports_gpu_offload() else 0
+        lora = options.get("lora")
+        try:
+            trained = trained_context_length(path)
+        except Exception as exc:  # noqa: BLE001 - any header the reader cannot parse is a broken file
+            raise UnsupportedModel(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); re-export it",
+                                   path=str(path)) from None
+        n_ctx = options.get("n_ctx") or min(trained or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT)
+        progress(1, 2, f"loading {path.name}")
+        try:
+            llama = llama_cpp.Llama(
+                str(path), n_ctx=n_ctx, n_threads=options.get("n_threads") or os.cpu_count(),
+                n_gpu_layers=n_gpu_layers, embedding=bool(options.get("embedding")), verbose=False,
+                lora_path=lora[0] if lora else None, lora_scale=lora[1] if lora else 1.0,
+                pooling_type=options.get("pooling_type", -1),
+            )
+        except ValueError as exc:
+            raise UnsupportedModel(f"llama.cpp could not load {path}: {exc}", path=str(path)) from None
+        progress(2, 2, "loaded")
+        on_gpu = n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
+        return LlamaCppModel(llama, path, "gpu" if on_gpu else "cpu", path.stat().st_size, bool(options.get("embedding")),
+                             adapters=(lora[0],) if lora else ())
