@@ -89,7 +89,7 @@ def test_unsupported_models_get_clear_errors(spawn, tiny_path, tmp_path):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     error = sidecar.call("models/load", {"model": str(gguf)})["error"]
-    assert error["data"]["kind"] == "unsupported_model" and "llama.cpp" in error["message"]
+    assert error["data"]["kind"] == "unsupported_model" and "not a readable GGUF file" in error["message"]
     (tmp_path / "notes.txt").write_text("hello")
     error = sidecar.call("models/load", {"model": str(tmp_path / "notes.txt")})["error"]
     assert error["data"]["kind"] == "unsupported_model"
