@@ -38,6 +38,7 @@ class TerminalView:
         self.progress_shown = False
         self.tokens_shown = False
         self.tty = sys.stderr.isatty()
+        self._last_line: tuple[str, float] = ("", 0.0)
 
     def event(self, message: dict[str, Any]) -> None:
         method, params = message.get("method"), message.get("params") or {}
@@ -46,7 +47,7 @@ class TerminalView:
             if self.tty:
                 sys.stderr.write("\r\033[K" + line)
                 self.progress_shown = True
-            else:
+            elif self._worth_a_line(params):
                 sys.stderr.write(line + "\n")
         elif method == "$/token":
             self.clear()
@@ -57,6 +58,17 @@ class TerminalView:
             self.clear()
             sys.stderr.write(f"{params.get('level', 'info')}: {params.get('message', '')}\n")
         sys.stderr.flush()
+
+    def _worth_a_line(self, params: dict[str, Any]) -> bool:
+        """Without a terminal to redraw, print a stage's first and last step and one line a second between."""
+        import time
+
+        stage, now = params.get("stage", ""), time.monotonic()
+        last = params.get("step") is not None and params.get("step") == params.get("total")
+        if stage != self._last_line[0] or last or now - self._last_line[1] >= 1.0:
+            self._last_line = (stage, now)
+            return True
+        return False
 
     def clear(self) -> None:
         if self.progress_shown:

@@ -58,6 +58,24 @@ def main(argv: list[str]) -> int:
         loaded = call("models/load", {"model": args.model, "keep_alive": "10m"})
         print(f"<- {loaded['model']} on {loaded['device']} ({loaded['dtype']}), {mib(loaded['memory_bytes'])}, path {loaded['path']}")
 
+        show("generate, streamed", {"method": "generate", "params": {"model": args.model, "prompt": "Once upon a time, a clever fox",
+                                                                      "max_tokens": 48, "temperature": 0}})
+        print("<- ", end="", flush=True)
+        result = sidecar.request("generate", {"model": args.model, "prompt": "Once upon a time, a clever fox",
+                                              "max_tokens": 48, "temperature": 0}, on_event=view.event)
+        view.end()
+        timings = result["timings"]
+        print(f"<- finish_reason={result['finish_reason']} {result['usage']['completion_tokens']} tokens, "
+              f"{timings['tokens_per_s']:.0f} tokens/s, first token after {timings['ttft_ms']:.0f} ms")
+
+        chat = {"model": args.model, "messages": [{"role": "user", "content": "Tell me about the fox."}],
+                "max_tokens": 32, "temperature": 0.7, "seed": 1, "stop": ["\n\n"]}
+        show("generate, chat with a seed and a stop string", {"method": "generate", "params": chat})
+        print("<- ", end="", flush=True)
+        result = sidecar.request("generate", chat, on_event=view.event)
+        view.end()
+        print(f"<- finish_reason={result['finish_reason']} seed={result['seed']}")
+
         models = call("models/list")["models"]
         for model in models:
             print(f"<- loaded: {model['model']} runtime={model['runtime']} in_use={model['in_use']} keep_alive_s={model['keep_alive_s']}")
