@@ -15,6 +15,7 @@ IMPLEMENTATIONS: dict[str, str] = {
     "models/load": "handlers.models:load_model",
     "models/unload": "handlers.models:unload_model",
     "generate": "handlers.generate:generate",
+    "embed": "handlers.embed:embed",
     "artifacts/list": "handlers.artifacts:list_artifacts",
     "artifacts/get": "handlers.artifacts:get_artifact",
     "debug/sleep": "handlers.debug:sleep",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import msgspec
 
@@ -27,8 +28,11 @@ async def list_models(params: m.Empty, ctx: Context) -> m.ModelsListResult:
 
 
 async def acquire_model(ctx: Context, reference: str, runtime_name: str, options: m.LoadOptions,
-                        keep_alive: m.KeepAlive | None, extra_options: dict | None = None):
-    """Resolve, pick the runtime and lease the model from the pool (loading it with progress if needed)."""
+                        keep_alive: m.KeepAlive | None, runtime_options: Callable[[str], dict] | None = None):
+    """Resolve, pick the runtime and lease the model from the pool (loading it with progress if needed).
+
+    runtime_options(runtime_name) adds load options that only one runtime needs (llama.cpp's embedding
+    mode), once the runtime is known, so other runtimes keep sharing one pool entry."""
     from runtimes.registry import pick_runtime
     from sidecar.pool import InvalidKeepAlive, parse_keep_alive
 
@@ -42,7 +46,7 @@ async def acquire_model(ctx: Context, reference: str, runtime_name: str, options
     def progress(step: int, total: int, message: str) -> None:
         ctx.progress("load", step, total, message)
 
-    return await ctx.services.pool.acquire(reference, resolved.path, runtime, {**load_options(options), **(extra_options or {})},
+    return await ctx.services.pool.acquire(reference, resolved.path, runtime, {**load_options(options), **(runtime_options(runtime.name) if runtime_options else {})},
                                            keep_alive, progress, lambda text: ctx.log("warning", text))
 
 

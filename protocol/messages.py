@@ -324,7 +324,7 @@ class EmbedResult(Result):
     pooling: str
     normalized: bool
     encoding: str
-    embeddings: Union[list[list[float]], list[str], None]
+    embeddings: list[Union[list[float], str]] | None
     path: str | None
     usage: EmbedUsage
     timings: dict[str, float]

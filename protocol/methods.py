@@ -28,6 +28,7 @@ METHODS: dict[str, MethodContract] = {
     "models/load": MethodContract(m.ModelsLoadParams, m.ModelInfo, "sidecar", "Load (warm) a model into the pool, with progress."),
     "models/unload": MethodContract(m.ModelsUnloadParams, m.ModelsUnloadResult, "sidecar", "Unload a model from the pool (waits until no request uses it)."),
     "generate": MethodContract(m.GenerateParams, m.GenerateResult, "sidecar", "Generate text from a prompt or chat messages, streaming $/token events."),
+    "embed": MethodContract(m.EmbedParams, m.EmbedResult, "sidecar", "Embed one text or many, with the model's pooling."),
     "artifacts/list": MethodContract(m.ArtifactsListParams, m.ArtifactsListResult, "sidecar", "Artifacts in the registry, newest first."),
     "artifacts/get": MethodContract(m.ArtifactsGetParams, m.Artifact, "sidecar", "One artifact of the registry by id."),
     "debug/sleep": MethodContract(m.DebugSleepParams, m.DebugSleepResult, "worker", "Diagnostic long job: sleeps in a worker with progress.", debug=True),

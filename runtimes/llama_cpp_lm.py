@@ -93,11 +93,28 @@ class LlamaCppModel:
         finally:
             tokens.close()
 
-    def embed_texts(self, texts: list[str], normalize: bool, truncate: bool) -> tuple[Any, int]:
+    def embed(self, texts: list[str], *, pooling: str | None, normalize: bool, truncate: bool, batch_size: int,
+              cancelled: threading.Event | None) -> tuple[Any, int, str]:
+        """Pooling was fixed when the model was loaded in embedding mode (see handlers/embed.py)."""
+        import llama_cpp
         import numpy as np
 
-        vectors, count = self.llama.embed(texts, normalize=normalize, truncate=truncate, return_count=True)
-        return np.asarray(vectors, dtype=np.float32), int(count)
+        if not self.embedding:
+            raise UnsupportedModel("this llama.cpp model was loaded without embedding mode")
+        vectors, count = [], 0
+        for start in range(0, len(texts), batch_size):
+            if cancelled is not None and cancelled.is_set():
+                from protocol.errors import Cancelled
+
+                raise Cancelled({"done": start})
+            chunk, tokens = self.llama.embed(texts[start:start + batch_size], normalize=normalize, truncate=truncate,
+                                             return_count=True)
+            vectors += chunk
+            count += tokens
+        names = {llama_cpp.LLAMA_POOLING_TYPE_MEAN: "mean", llama_cpp.LLAMA_POOLING_TYPE_CLS: "cls",
+                 llama_cpp.LLAMA_POOLING_TYPE_LAST: "last"}
+        used = names.get(llama_cpp.llama_pooling_type(self.llama._ctx.ctx), pooling or "model default")
+        return np.asarray(vectors, dtype=np.float32), int(count), used
 
     def close(self) -> None:
         llama, self.llama = self.llama, None

@@ -96,6 +96,20 @@ class TransformersModel:
         with manager.activated(adapters):
             yield from stream_token_ids(self.model, prompt_ids, sampling, max_tokens, self.device, cancelled)
 
+    def embed(self, texts: list[str], *, pooling: str | None, normalize: bool, truncate: bool, batch_size: int,
+              cancelled: Any) -> tuple[Any, int, str]:
+        """(float32 vectors, real tokens, pooling used); pooling defaults to the model's own configuration."""
+        from runtimes.embeddings import InputTooLong, default_pooling, embed_texts
+
+        chosen = pooling or default_pooling(self.path, self.is_causal_lm)
+        try:
+            vectors, tokens = embed_texts(self.model, self.tokenizer, texts, pooling=chosen, normalize=normalize,
+                                          truncate=truncate, batch_size=batch_size, device=self.device, cancelled=cancelled)
+        except InputTooLong as exc:
+            raise TextTooLong(str(exc) + "; shorten it or pass truncate: true", index=exc.index, tokens=exc.tokens,
+                              max_length=exc.max_length) from None
+        return vectors, tokens, chosen
+
     def close(self) -> None:
         self.model = None
         self.tokenizer = None
@@ -109,6 +123,10 @@ class TransformersModel:
                 torch.mps.empty_cache()
         except Exception:  # noqa: BLE001 - freeing is best effort; the references are gone already
             pass
+
+
+class TextTooLong(UnsupportedModel):
+    error_kind = "input_too_long"
 
 
 class NoChatTemplate(UnsupportedModel):

@@ -1,0 +1,97 @@
+"""embed: sentence embeddings from a pooled encoder or decoder model, on transformers or llama.cpp.
+
+Results that would not fit in one message (maxMessageBytes) are written to a .npy file whose path is
+returned instead, atomically, under the home directory's outputs/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from handlers.context import Context
+from handlers.models import acquire_model
+from protocol import messages as m
+from protocol.errors import RpcError
+
+LLAMA_POOLING = {None: -1, "mean": 1, "cls": 2, "last": 3}
+FLOAT_JSON_BYTES = 24  # a float32 printed as a double, with its comma
+ENVELOPE_SLACK = 1 << 16
+
+
+def texts_of(params: m.EmbedParams) -> list[str]:
+    texts = [params.input] if isinstance(params.input, str) else list(params.input)
+    if not texts:
+        raise RpcError.invalid_params("params.input", "give at least one text")
+    if params.batch_size < 1:
+        raise RpcError.invalid_params("params.batch_size", "must be at least 1")
+    return texts
+
+
+def encoded_size(count: int, dimensions: int, encoding: str) -> int:
+    per_value = 16 / 3 if encoding == "base64" else FLOAT_JSON_BYTES
+    return int(count * dimensions * per_value)
+
+
+def write_npy(home: Path, vectors: Any) -> Path:
+    """A temporary sibling renamed into place, so no reader ever sees half a file."""
+    import numpy as np
+
+    folder = home / "outputs"
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"embeddings-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.npy"
+    partial = folder / f".{final.name}.tmp-{uuid.uuid4().hex[:6]}"
+    with open(partial, "wb") as handle:
+        np.save(handle, vectors)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, final)
+    return final
+
+
+def encode_vectors(vectors: Any, encoding: str) -> list:
+    import numpy as np
+
+    if encoding == "base64":
+        little = vectors.astype("<f4", copy=False)
+        return [base64.b64encode(np.ascontiguousarray(row).tobytes()).decode("ascii") for row in little]
+    return vectors.tolist()
+
+
+async def embed(params: m.EmbedParams, ctx: Context) -> m.EmbedResult:
+    started = time.perf_counter()
+    texts = texts_of(params)
+
+    def llama_embedding_mode(runtime: str) -> dict:
+        """llama.cpp needs embedding mode and pooling at load time: a pool entry of its own."""
+        return {"embedding": True, "pooling_type": LLAMA_POOLING[params.pooling]} if runtime == "llama.cpp" else {}
+
+    lease = await acquire_model(ctx, params.model, params.runtime, params.options, params.keep_alive, llama_embedding_mode)
+    load_ms = (time.perf_counter() - started) * 1000
+    model = lease.model
+    try:
+        async with lease.entry.lock:
+            compute_started = time.perf_counter()
+            vectors, tokens, pooling = await asyncio.to_thread(model.embed, texts, pooling=params.pooling, normalize=params.normalize,
+                                                               truncate=params.truncate, batch_size=params.batch_size,
+                                                               cancelled=ctx.cancelled)
+            compute_ms = (time.perf_counter() - compute_started) * 1000
+    finally:
+        lease.release()
+    count, dimensions = vectors.shape
+    path = None
+    embeddings: list | None
+    if encoded_size(count, dimensions, params.encoding) + ENVELOPE_SLACK > ctx.services.config.max_message_bytes:
+        path = str(await asyncio.to_thread(write_npy, ctx.services.config.home, vectors))
+        embeddings = None
+    else:
+        embeddings = encode_vectors(vectors, params.encoding)
+    return m.EmbedResult(params.model, model.runtime, int(dimensions), int(count), pooling, params.normalize, params.encoding,
+                         embeddings, path, m.EmbedUsage(int(tokens)),
+                         {"load_ms": round(load_ms, 3), "compute_ms": round(compute_ms, 3)})
+
