@@ -12,8 +12,16 @@ from protocol import messages as m
 from protocol.errors import RpcError
 
 
-def load_options(options: m.LoadOptions) -> dict:
-    return {k: v for k, v in msgspec.structs.asdict(options).items() if v is not None}
+def load_options(options: m.LoadOptions, runtime: str, ctx: Context) -> dict:
+    """The options that define a pool entry; a GGUF LoRA adapter is part of what llama.cpp loads."""
+    chosen = {k: v for k, v in msgspec.structs.asdict(options).items() if v is not None}
+    lora_path, lora_scale = chosen.pop("lora_path", None), chosen.pop("lora_scale")
+    if lora_path is not None:
+        if runtime != "llama.cpp":
+            raise RpcError.invalid_params("params.options.lora_path",
+                                          "applies to GGUF models on llama.cpp; for transformers models use `adapters`")
+        chosen["lora"] = (str(ctx.services.paths.check(lora_path, must_exist=True)), lora_scale)
+    return chosen
 
 
 async def resolve(ctx: Context, reference: str):
@@ -46,7 +54,7 @@ async def acquire_model(ctx: Context, reference: str, runtime_name: str, options
     def progress(step: int, total: int, message: str) -> None:
         ctx.progress("load", step, total, message)
 
-    return await ctx.services.pool.acquire(reference, resolved.path, runtime, {**load_options(options), **(runtime_options(runtime.name) if runtime_options else {})},
+    return await ctx.services.pool.acquire(reference, resolved.path, runtime, {**load_options(options, runtime.name, ctx), **(runtime_options(runtime.name) if runtime_options else {})},
                                            keep_alive, progress, lambda text: ctx.log("warning", text))
 
 

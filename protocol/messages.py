@@ -211,6 +211,8 @@ class LoadOptions(Params):
     n_ctx: int | None = None
     n_threads: int | None = None
     n_gpu_layers: int | None = None
+    lora_path: str | None = None
+    lora_scale: float = 1.0
 
 
 class ModelsLoadParams(Params):

@@ -37,6 +37,8 @@ def error_from_exception(exc: BaseException) -> RpcError:
         return RpcError.failed(kind, str(exc), retryable=bool(getattr(exc, "retryable", False)), **detail)
     if isinstance(exc, MemoryError):
         return RpcError.failed("out_of_memory", "ran out of memory; free memory (models/unload) or use a smaller model or batch", retryable=True)
+    if isinstance(exc, FileNotFoundError):
+        return RpcError.failed("file_not_found", f"{exc.filename or exc}: no such file or directory", path=str(exc.filename or ""))
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return RpcError.failed("disk_full", f"no space left on the device: {exc.filename or ''}; free disk space and retry", retryable=True)
     return RpcError(

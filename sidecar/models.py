@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.config import Config
-from sidecar.paths import PathNotAllowed, PathPolicy
+from sidecar.paths import PathPolicy
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUILTINS = ("tiny",)
@@ -28,14 +28,6 @@ class ModelNotFound(Exception):
     def __init__(self, reference: str, tried: list[str]) -> None:
         super().__init__(f"model {reference!r} not found; tried: " + "; ".join(tried))
         self.error_detail = {"model": reference, "tried": tried}
-
-
-class PathRefused(Exception):
-    error_kind = "path_not_allowed"
-
-    def __init__(self, exc: PathNotAllowed) -> None:
-        super().__init__(str(exc))
-        self.error_detail = {"path": str(exc.path), "roots": [str(r) for r in exc.roots]}
 
 
 @dataclass(frozen=True)
@@ -67,10 +59,7 @@ class ModelResolver:
             raise ModelNotFound(reference, tried)
         local = Path(os.path.expanduser(reference))
         if local.exists():
-            try:
-                return ResolvedModel(reference, self.paths.check(local, must_exist=True), "local")
-            except PathNotAllowed as exc:
-                raise PathRefused(exc) from None
+            return ResolvedModel(reference, self.paths.check(local, must_exist=True), "local")
         tried.append(f"local path: {local.absolute()} does not exist")
         if _HF_ID.match(reference):
             found = self._hf_cache(reference, tried)

@@ -21,6 +21,8 @@ __all__ = ["ENV_ALLOWED_ROOTS", "PathNotAllowed", "PathPolicy", "default_roots"]
 class PathNotAllowed(Exception):
     """A path outside every allowed root; maps to the protocol's path_not_allowed failure."""
 
+    error_kind = "path_not_allowed"
+
     def __init__(self, path: str | os.PathLike, roots: Iterable[str | os.PathLike], reason: str = "") -> None:
         self.path = os.fspath(path)
         self.roots = [os.fspath(r) for r in roots]
@@ -31,6 +33,7 @@ class PathNotAllowed(Exception):
             f"To allow another directory, pass --allow-root DIR or set {ENV_ALLOWED_ROOTS} "
             f"(several directories separated by {os.pathsep!r})."
         )
+        self.error_detail = {"path": self.path, "roots": self.roots}
 
 
 class PathPolicy:

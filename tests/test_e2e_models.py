@@ -131,3 +131,30 @@ def test_hugging_face_ids_resolve_from_the_local_cache_only(spawn, tiny_path, tm
     assert loaded["path"] == str(repo / "snapshots" / commit)
     error = sidecar.call("models/load", {"model": "someorg/not-cached"})["error"]
     assert error["data"]["kind"] == "model_not_found" and "not cached" in error["message"]
+
+
+def test_unload_gives_the_memory_back(spawn, tiny_path, tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from test_e2e_protocol import rss_kib
+
+    big = tmp_path / "big"
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=8192, max_position_embeddings=512)
+    LlamaForCausalLM(config).save_pretrained(big)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_path / name, big / name)
+    sidecar = spawn("--allow-root", str(tmp_path))
+    sidecar.call("models/load", {"model": "builtin:tiny"})  # torch and transformers imported: the baseline
+    baseline = rss_kib(sidecar.proc.pid)
+    loaded = sidecar.call("models/load", {"model": str(big), "keep_alive": -1})["result"]
+    # weights may be mapped from the file and count once touched: one token touches them all
+    sidecar.call("generate", {"model": str(big), "prompt": "fox", "max_tokens": 1})
+    after_load = rss_kib(sidecar.proc.pid)
+    assert loaded["memory_bytes"] > 100 << 20
+    assert (after_load - baseline) * 1024 > 0.8 * loaded["memory_bytes"]
+    sidecar.call("models/unload", {"model": str(big)})
+    freed = (after_load - rss_kib(sidecar.proc.pid)) * 1024
+    assert freed > 0.8 * loaded["memory_bytes"], f"only {freed >> 20} MiB of {loaded['memory_bytes'] >> 20} MiB came back"
