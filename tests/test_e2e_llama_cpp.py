@@ -66,3 +66,34 @@ def test_llama_cpp_seeded_sampling_and_cancel(both, tiny_gguf):
 def test_llama_cpp_prompt_too_long(both, tiny_gguf):
     error = both.call("generate", {"model": str(tiny_gguf), "prompt": "the fox ran " * 400, **GREEDY})["error"]
     assert error["data"]["kind"] == "prompt_too_long" and error["data"]["detail"]["context_length"] == 512
+
+
+def test_a_gguf_lora_adapter_on_llama_cpp_matches_the_peft_adapter_on_transformers(both, tiny_gguf, tiny_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from runtimes.gguf_lora import convert_lora_to_gguf
+
+    adapter_dir = tiny_path.parent / "adapter-llama-parity"
+    adapter_gguf = tiny_path.parent / "adapter-llama-parity.gguf"
+    if not adapter_gguf.exists():
+        torch.manual_seed(5)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path), config)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.mul_(2.0)
+        peft_model.save_pretrained(adapter_dir)
+        convert_lora_to_gguf(adapter_dir, tiny_path, adapter_gguf.with_suffix(".partial"), dtype="f32")
+        adapter_gguf.with_suffix(".partial").rename(adapter_gguf)
+    prompt = {"prompt": PROMPTS[0], **GREEDY, "max_tokens": 16}
+    base = both.call("generate", {"model": str(tiny_gguf), **prompt})["result"]["text"]
+    hf = both.call("generate", {"model": "builtin:tiny", **prompt, "adapters": [{"adapter": str(adapter_dir)}]})["result"]
+    cpp = both.call("generate", {"model": str(tiny_gguf), **prompt, "options": {"lora_path": str(adapter_gguf)}})["result"]
+    assert cpp["text"] == hf["text"] != base
+    models = both.call("models/list")["result"]["models"]
+    assert any(m["adapters"] == [str(adapter_gguf)] for m in models)
+    wrong = both.call("generate", {"model": "builtin:tiny", **prompt, "options": {"lora_path": str(adapter_gguf)}})["error"]
+    assert wrong["data"]["field"] == "params.options.lora_path"
