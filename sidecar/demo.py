@@ -76,6 +76,13 @@ def main(argv: list[str]) -> int:
         view.end()
         print(f"<- finish_reason={result['finish_reason']} seed={result['seed']}")
 
+        texts = ["A fox flattered a crow.", "The crow dropped its cheese.", "The tortoise won the race."]
+        embedded = call("embed", {"model": args.model, "input": texts})
+        vectors = embedded["embeddings"]
+        similarity = sum(a * b for a, b in zip(vectors[0], vectors[1]))
+        print(f"<- {embedded['count']} vectors of {embedded['dimensions']} ({embedded['pooling']} pooling); "
+              f"cosine(fox/crow, crow/cheese) = {similarity:.3f}")
+
         models = call("models/list")["models"]
         for model in models:
             print(f"<- loaded: {model['model']} runtime={model['runtime']} in_use={model['in_use']} keep_alive_s={model['keep_alive_s']}")
