@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from handlers.blocking import run_to_completion
 from handlers.context import Context
 from handlers.models import acquire_model
 from protocol import messages as m
@@ -77,9 +78,10 @@ async def embed(params: m.EmbedParams, ctx: Context) -> m.EmbedResult:
     try:
         async with lease.entry.lock:
             compute_started = time.perf_counter()
-            vectors, tokens, pooling = await asyncio.to_thread(model.embed, texts, pooling=params.pooling, normalize=params.normalize,
-                                                               truncate=params.truncate, batch_size=params.batch_size,
-                                                               cancelled=ctx.cancelled)
+            vectors, tokens, pooling = await run_to_completion(
+                ctx, model.embed, texts, pooling=params.pooling, normalize=params.normalize, truncate=params.truncate,
+                batch_size=params.batch_size, cancelled=ctx.cancelled)
+            ctx.check_cancelled({"done": len(texts)})
             compute_ms = (time.perf_counter() - compute_started) * 1000
     finally:
         lease.release()

@@ -8,7 +8,6 @@ loop within one decoding step.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 import msgspec
 
+from handlers.blocking import run_to_completion
 from handlers.context import Context
 from handlers.models import acquire_model, resolve
 from protocol import messages as m
@@ -27,9 +27,10 @@ from runtimes.text import Sampling, StopMatcher
 class PromptTooLong(Exception):
     error_kind = "prompt_too_long"
 
-    def __init__(self, prompt_tokens: int, context_length: int) -> None:
+    def __init__(self, prompt_tokens: int, context_length: int, runtime: str) -> None:
+        larger = "load the model with a larger options.n_ctx, " if runtime == "llama.cpp" else ""
         super().__init__(f"the prompt has {prompt_tokens} tokens and the model's context holds {context_length}; "
-                         "shorten it, load the model with a larger options.n_ctx, or pass truncate: true")
+                         f"shorten it, {larger}or pass truncate: true")
         self.error_detail = {"prompt_tokens": prompt_tokens, "context_length": context_length}
 
 
@@ -100,7 +101,7 @@ def prompt_ids(model: Any, params: m.GenerateParams, ctx: Context) -> tuple[list
     limit = model.context_length
     if len(ids) + 1 > limit or (params.truncate and len(ids) + params.max_tokens > limit):
         if not params.truncate:
-            raise PromptTooLong(len(ids), limit)
+            raise PromptTooLong(len(ids), limit, model.runtime)
         keep = max(1, limit - params.max_tokens)
         ctx.log("warning", f"prompt truncated from {len(ids)} to its last {keep} tokens to fit the context of {limit}",
                 {"prompt_tokens": len(ids), "kept": keep})
@@ -179,12 +180,8 @@ async def generate(params: m.GenerateParams, ctx: Context) -> m.GenerateResult:
             raise RpcError.failed("unsupported_model", f"{params.model} is not a causal language model; use embed with it")
         async with lease.entry.lock:
             ctx.check_cancelled({"text": "", "completion_tokens": 0})
-            work = asyncio.ensure_future(asyncio.to_thread(decode, model, params, ctx, sampling, adapters))
-            try:
-                outcome = await asyncio.shield(work)
-            except asyncio.CancelledError:
-                ctx.cancelled.set()  # the loop notices within one step
-                outcome = await work
+            outcome = await run_to_completion(ctx, decode, model, params, ctx, sampling, adapters)
+            if ctx.cancelled.is_set():
                 outcome.finish_reason = "cancelled"
     finally:
         lease.release()

@@ -42,7 +42,7 @@ async def acquire_model(ctx: Context, reference: str, runtime_name: str, options
     runtime_options(runtime_name) adds load options that only one runtime needs (llama.cpp's embedding
     mode), once the runtime is known, so other runtimes keep sharing one pool entry."""
     from runtimes.registry import pick_runtime
-    from sidecar.pool import InvalidKeepAlive, parse_keep_alive
+    from protocol.keep_alive import InvalidKeepAlive, parse_keep_alive
 
     try:
         parse_keep_alive(keep_alive)

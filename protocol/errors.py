@@ -30,6 +30,12 @@ ErrorKind = Literal[
     "timeout",
     "shutting_down",
     "artifact_exists",
+    "artifact_not_found",
+    "file_not_found",
+    "prompt_too_long",
+    "input_too_long",
+    "no_chat_template",
+    "adapter_invalid",
     "internal",
 ]
 

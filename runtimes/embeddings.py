@@ -180,7 +180,8 @@ def _onednn_linear_mode() -> Any:
             if func is linear:
                 x, weight = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                if plain(x) and plain(weight) and weight.dim() == 2 and x.dim() >= 2 and (bias is None or plain(bias)):
+                if (plain(x) and plain(weight) and weight.dim() == 2 and weight.is_contiguous() and x.dim() >= 2
+                        and x.numel() > 0 and (bias is None or plain(bias))):
                     return onednn(x, weight, bias, "none", [], "")
             return func(*args, **kwargs)
 

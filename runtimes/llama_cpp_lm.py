@@ -78,7 +78,7 @@ class LlamaCppModel:
 
     def stream(self, prompt_ids: list[int], sampling: Sampling, max_tokens: int, adapters: list, cancelled: threading.Event | None) -> Iterator[int]:
         if adapters:
-            raise UnsupportedModel("llama.cpp applies GGUF LoRA adapters at load time: pass options.lora instead of adapters")
+            raise UnsupportedModel("llama.cpp applies a GGUF LoRA adapter at load time: pass options.lora_path instead of adapters")
         self.llama.set_seed(sampling.seed)
         temp = 0.0 if sampling.greedy else sampling.temperature
         tokens = self.llama.generate(prompt_ids, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
@@ -125,17 +125,25 @@ class LlamaCppModel:
 DEFAULT_MAX_CONTEXT = 8192
 
 
-def trained_context_length(path: Path) -> int | None:
-    """The context the model was trained with, read from the GGUF header without loading the model."""
+@dataclass(frozen=True)
+class GgufHeader:
+    context_length: int | None
+    pooling_type: int | None  # set by embedding models; absent for causal LMs
+
+
+def read_header(path: Path) -> GgufHeader:
+    """What loading needs to know first, read from the GGUF header without loading the model."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
     arch_field = reader.fields.get("general.architecture")
-    if arch_field is None:
-        return None
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-    field = reader.fields.get(f"{arch}.context_length")
-    return int(field.parts[field.data[0]][0]) if field is not None else None
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field is not None else ""
+
+    def number(key: str) -> int | None:
+        field = reader.fields.get(f"{arch}.{key}")
+        return int(field.parts[field.data[0]][0]) if field is not None else None
+
+    return GgufHeader(number("context_length"), number("pooling_type"))
 
 
 class LlamaCppRuntime:
@@ -162,18 +170,21 @@ class LlamaCppRuntime:
             n_gpu_layers = -1 if device != "cpu" and llama_cpp.llama_supports_gpu_offload() else 0
         lora = options.get("lora")
         try:
-            trained = trained_context_length(path)
+            header = read_header(path)
         except Exception as exc:  # noqa: BLE001 - any header the reader cannot parse is a broken file
             raise UnsupportedModel(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); re-export it",
                                    path=str(path)) from None
-        n_ctx = options.get("n_ctx") or min(trained or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT)
+        n_ctx = options.get("n_ctx") or min(header.context_length or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT)
+        pooling = options.get("pooling_type", -1)
+        if options.get("embedding") and pooling == -1 and header.pooling_type is None:
+            pooling = llama_cpp.LLAMA_POOLING_TYPE_MEAN  # a causal LM has no pooling of its own: masked mean, as on torch
         progress(1, 2, f"loading {path.name}")
         try:
             llama = llama_cpp.Llama(
                 str(path), n_ctx=n_ctx, n_threads=options.get("n_threads") or os.cpu_count(),
                 n_gpu_layers=n_gpu_layers, embedding=bool(options.get("embedding")), verbose=False,
                 lora_path=lora[0] if lora else None, lora_scale=lora[1] if lora else 1.0,
-                pooling_type=options.get("pooling_type", -1),
+                pooling_type=pooling,
             )
         except ValueError as exc:
             raise UnsupportedModel(f"llama.cpp could not load {path}: {exc}", path=str(path)) from None

@@ -27,10 +27,10 @@ class SidecarError(Exception):
 
 class SidecarProcess:
     def __init__(self, args: list[str] | tuple[str, ...] = (), *, env: dict[str, str] | None = None,
-                 cwd: str | None = None, stderr: Any = None) -> None:
+                 cwd: str | None = None, stderr: Any = None, new_session: bool = False) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sidecar", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=stderr, env=env, cwd=cwd, bufsize=0,
+            stderr=stderr, env=env, cwd=cwd, bufsize=0, start_new_session=new_session,
         )
         self._ids = itertools.count(1)
         self._buffer = b""

@@ -58,8 +58,10 @@ class ModelResolver:
         if reference.startswith("artifact:"):
             raise ModelNotFound(reference, tried)
         local = Path(os.path.expanduser(reference))
-        if local.exists():
-            return ResolvedModel(reference, self.paths.check(local, must_exist=True), "local")
+        if local.is_absolute() or reference.startswith((".", "~")) or local.exists():
+            checked = self.paths.check(local)  # containment first: never reveal what exists outside the roots
+            if checked.exists():
+                return ResolvedModel(reference, checked, "local")
         tried.append(f"local path: {local.absolute()} does not exist")
         if _HF_ID.match(reference):
             found = self._hf_cache(reference, tried)

@@ -13,46 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from protocol import messages as m
+from protocol.keep_alive import DEFAULT_KEEP_ALIVE_S, parse_keep_alive
 from runtimes.base import LoadedModel, Runtime
 
 log = logging.getLogger("sidecar.pool")
-DEFAULT_KEEP_ALIVE_S = 300.0
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 Progress = Callable[[int, int, str], None]
-
-
-class InvalidKeepAlive(ValueError):
-    pass
-
-
-def parse_keep_alive(value: str | int | float | None) -> float | None:
-    """Seconds to keep an idle model; None means forever."""
-    if value is None:
-        return DEFAULT_KEEP_ALIVE_S
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        text = value.strip().lower()
-        sign = -1.0 if text.startswith("-") else 1.0
-        text = text.lstrip("+-")
-        try:
-            seconds = float(text)
-        except ValueError:
-            parts = _DURATION.findall(text)
-            if not parts or "".join(n + u for n, u in parts) != text:
-                raise InvalidKeepAlive(f"keep_alive {value!r} is not a duration like '5m', '1h30m', '10s' or a number of seconds") from None
-            seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
-        seconds *= sign
-    return None if seconds < 0 else seconds
 
 
 @dataclass
@@ -153,6 +125,7 @@ class ModelPool:
         entry = PoolEntry(key, reference, str(path), runtime.name, model)
         self._entries[key] = entry
         self._make_room(0, warn, keep=entry)
+        self._schedule_expiry(entry)  # if every waiter was cancelled, the model still goes when its time is up
         return entry
 
     def _release(self, entry: PoolEntry) -> None:
@@ -166,9 +139,14 @@ class ModelPool:
         if entry.keep_alive_s == 0:
             self._unload(entry)
             return
-        loop = asyncio.get_running_loop()
+        self._schedule_expiry(entry)
+
+    def _schedule_expiry(self, entry: PoolEntry) -> None:
+        self._cancel_expiry(entry)
+        if entry.keep_alive_s is None:
+            return
         entry.expires_at = time.time() + entry.keep_alive_s
-        entry.expiry = loop.call_later(entry.keep_alive_s, self._expire, entry)
+        entry.expiry = asyncio.get_running_loop().call_later(entry.keep_alive_s, self._expire, entry)
 
     def _expire(self, entry: PoolEntry) -> None:
         if entry.refs == 0 and self._entries.get(entry.key) is entry:
@@ -195,8 +173,11 @@ class ModelPool:
             log.info("evicting %s to stay under the pool budget", victim.reference)
             self._unload(victim)
         if self.used_bytes + needed > self.budget_bytes and warn is not None:
-            warn(f"the model pool is over its budget ({self.used_bytes + needed} > {self.budget_bytes} bytes) "
-                 "because every loaded model is in use")
+            if any(e is not keep for e in self._entries.values()):
+                reason = "because every other loaded model is in use"
+            else:
+                reason = "because this model alone is larger than the budget (raise --pool-budget)"
+            warn(f"the model pool is over its budget ({self.used_bytes + needed} > {self.budget_bytes} bytes) {reason}")
 
     def _unload(self, entry: PoolEntry) -> asyncio.Future:
         """Drop the entry now; free its memory on a thread so the loop (and ping) never waits on it."""
@@ -218,9 +199,10 @@ class ModelPool:
         matching = [e for e in self._entries.values() if e.path == path and runtime in ("any", e.runtime)]
         unloaded = []
         for entry in matching:
-            entry.keep_alive_s = 0
+            entry.keep_alive_s = 0.0
             while entry.refs > 0:
                 await entry.released.wait()
+            self._cancel_expiry(entry)
             info = entry.info()
             await self._unload(entry)
             unloaded.append(info)

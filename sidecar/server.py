@@ -104,7 +104,10 @@ class Server:
     # ----- input
 
     def on_data(self, data: bytes) -> None:
-        for line in self.splitter.feed(data):
+        self._dispatch(self.splitter.feed(data))
+
+    def _dispatch(self, lines: list) -> None:
+        for line in lines:
             if isinstance(line, wire.Oversize):
                 self.send_error(None, RpcError(
                     ErrorCode.INVALID_REQUEST,
@@ -117,6 +120,7 @@ class Server:
         self.writer.flush()  # answers to this chunk leave in this loop pass, not the next
 
     def on_eof(self) -> None:
+        self._dispatch(self.splitter.finish())
         if os.getppid() != self._original_ppid:
             self.on_host_gone(f"parent process {self._original_ppid} exited")
         elif self._input_is_file():
@@ -176,7 +180,7 @@ class Server:
     def on_notification(self, method: str, params: Any) -> None:
         if method == "$/cancel" and isinstance(params, dict):
             job = self.active.get(params.get("id"))
-            if job is not None:
+            if job is not None and job.method != "shutdown":
                 job.request_cancel()
         # other notifications are ignored, as JSON-RPC asks
 

@@ -105,6 +105,15 @@ class LineSplitter:
                 self._emit(line, out)
             start = newline + 1
 
+    def finish(self) -> list[bytes | Oversize]:
+        """At end of input: a last line without its newline still counts."""
+        if self._discarding or not self._buffer:
+            return []
+        line, out = bytes(self._buffer), []
+        self._buffer.clear()
+        self._emit(line, out)
+        return out
+
     def _take_partial(self, tail: bytes, out: list[bytes | Oversize]) -> None:
         if self._discarding:
             self._discarded += len(tail)

@@ -45,6 +45,7 @@ async def run_in_worker(job: "Job", config: Config) -> None:
             sys.executable, "-m", "sidecar.worker_process",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env=env, limit=max(config.max_message_bytes, 1 << 20),
+            start_new_session=True,  # a terminal's Ctrl-C reaches the sidecar, which cancels; not the workers directly
         )
     except OSError as exc:
         job.finish(error=RpcError.failed("worker_crashed", f"could not start a worker process: {exc}", retryable=True))
@@ -73,6 +74,9 @@ async def run_in_worker(job: "Job", config: Config) -> None:
         final = await _relay_events(proc, job)
         await proc.wait()
         await stderr_task
+    except asyncio.CancelledError:
+        _record_run(job, run_id, {"error": RpcError.cancelled()})
+        raise
     finally:
         for handle in killer:
             handle.cancel()

@@ -19,9 +19,10 @@ from sidecar.client import SidecarProcess  # noqa: E402
 class Sidecar(SidecarProcess):
     """SidecarProcess that records everything it reads, for assertions about events and responses."""
 
-    def __init__(self, args: list[str], env: dict[str, str], stderr_path: Path, cwd: str | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], stderr_path: Path, cwd: str | None = None,
+                 new_session: bool = False) -> None:
         self.stderr_file = open(stderr_path, "wb")  # noqa: SIM115 - closed in close()
-        super().__init__(args, env=env, stderr=self.stderr_file, cwd=cwd)
+        super().__init__(args, env=env, stderr=self.stderr_file, cwd=cwd, new_session=new_session)
         self.stderr_path = stderr_path
         self.seen: list[dict[str, Any]] = []
 
@@ -67,8 +68,9 @@ def sidecar_env(home: Path, **extra: str) -> dict[str, str]:
 def spawn(tmp_path: Path, shared_home: Path) -> Iterator[Any]:
     started: list[Sidecar] = []
 
-    def start(*args: str, home: Path | None = None, cwd: str | None = None, **env: str) -> Sidecar:
-        sidecar = Sidecar(list(args), sidecar_env(home or shared_home, **env), tmp_path / f"stderr-{len(started)}.log", cwd=cwd)
+    def start(*args: str, home: Path | None = None, cwd: str | None = None, new_session: bool = False, **env: str) -> Sidecar:
+        sidecar = Sidecar(list(args), sidecar_env(home or shared_home, **env), tmp_path / f"stderr-{len(started)}.log", cwd=cwd,
+                          new_session=new_session)
         started.append(sidecar)
         return sidecar
 

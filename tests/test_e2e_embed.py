@@ -98,7 +98,7 @@ def test_decoder_embeddings_on_both_runtimes_agree(spawn, tiny_path):
     sidecar = spawn()
     texts = ["Once upon a time, a clever fox", "The tortoise did not stop.", "A crow sat on a branch with cheese."]
     hf = sidecar.call("embed", {"model": "builtin:tiny", "input": texts})["result"]
-    cpp = sidecar.call("embed", {"model": str(gguf), "input": texts, "pooling": "mean"})["result"]
+    cpp = sidecar.call("embed", {"model": str(gguf), "input": texts})["result"]  # a causal LM: mean by default
     assert hf["runtime"] == "transformers" and cpp["runtime"] == "llama.cpp" and cpp["pooling"] == "mean"
     assert hf["dimensions"] == cpp["dimensions"] == 64
     assert cosines(np.array(hf["embeddings"]), np.array(cpp["embeddings"])).min() > 0.999

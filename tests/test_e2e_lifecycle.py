@@ -66,12 +66,22 @@ def test_sigterm_is_a_clean_stop(spawn):
     assert sidecar.proc.wait(5) == 0
 
 
+def test_ctrl_c_in_a_terminal_cancels_cleanly(spawn):
+    sidecar = spawn("--debug", new_session=True)  # its own process group, as a terminal's foreground job
+    job = sidecar.start("debug/sleep", {"seconds": 60, "steps": 600})
+    wait_for_event(sidecar, job)
+    os.killpg(sidecar.proc.pid, signal.SIGINT)
+    error = sidecar.wait_response(job)["error"]
+    assert error["code"] == -32800, error
+    assert sidecar.proc.wait(5) == 0
+
+
 def test_requests_from_a_file_run_to_completion(tmp_path: Path, shared_home: Path):
     requests = tmp_path / "requests.jsonl"
     requests.write_text("\n".join(json.dumps(r) for r in [
         {"id": 1, "method": "debug/sleep", "params": {"seconds": 0.3, "steps": 3}},
         {"id": 2, "method": "ping"},
-    ]) + "\n")
+    ]))  # no newline after the last line: it still counts
     out = tmp_path / "out.jsonl"
     with open(requests, "rb") as stdin, open(out, "wb") as stdout:
         code = subprocess.run([sys.executable, "-m", "sidecar", "--debug"], stdin=stdin, stdout=stdout,

@@ -59,6 +59,8 @@ def test_unresolvable_references_say_what_was_tried(spawn, tiny_path):
     assert error["data"]["kind"] == "model_not_found" and "builtin:tiny" in error["message"]
     error = sidecar.call("models/load", {"model": "artifact:model-nope"})["error"]
     assert error["data"]["kind"] == "model_not_found"
+    error = sidecar.call("models/load", {"model": "/nonexistent-outside-the-roots/model"})["error"]
+    assert error["data"]["kind"] == "path_not_allowed"  # containment is checked before existence
 
 
 def test_paths_outside_the_roots_are_refused_until_allowed(spawn, tiny_path, tmp_path):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.pool import DEFAULT_KEEP_ALIVE_S, InvalidKeepAlive, ModelPool, parse_keep_alive
+from protocol.keep_alive import DEFAULT_KEEP_ALIVE_S, InvalidKeepAlive, parse_keep_alive
+from sidecar.pool import ModelPool
 
 
 @dataclass
@@ -44,13 +45,13 @@ class FakeRuntime:
 
 @pytest.mark.parametrize("value,seconds", [
     (None, DEFAULT_KEEP_ALIVE_S), (0, 0.0), ("0", 0.0), (30, 30.0), ("30", 30.0), ("5m", 300.0), ("1h30m", 5400.0),
-    ("250ms", 0.25), ("1.5s", 1.5), (-1, None), ("-1", None), ("-5m", None),
+    ("250ms", 0.25), ("1.5s", 1.5), (-1, None), ("-1", None), ("-5m", None), ("inf", None), (float("inf"), None),
 ])
 def test_parse_keep_alive(value, seconds):
     assert parse_keep_alive(value) == seconds
 
 
-@pytest.mark.parametrize("value", ["soon", "5 minutes", "m", "5x", ""])
+@pytest.mark.parametrize("value", ["soon", "5 minutes", "m", "5x", "", "nan", float("nan")])
 def test_parse_keep_alive_refuses_nonsense(value):
     with pytest.raises(InvalidKeepAlive):
         parse_keep_alive(value)
@@ -135,5 +136,30 @@ def test_unload_waits_for_the_request_using_the_model():
         lease.release()
         unloaded = await unloading
         assert [u.model for u in unloaded] == ["m"] and pool.models() == []
+
+    asyncio.run(scenario())
+
+
+def test_a_load_nobody_waits_for_any_more_still_expires():
+    async def scenario():
+        runtime, pool = FakeRuntime(), ModelPool(1000)
+        waiter = asyncio.create_task(pool.acquire("m", "/m", runtime, {}))
+        await asyncio.sleep(0.05)
+        waiter.cancel()
+        runtime.gate.set()
+        await asyncio.sleep(0.1)
+        [entry] = pool.models()
+        assert entry.in_use == 0 and entry.expires_at is not None
+
+    asyncio.run(scenario())
+
+
+def test_a_model_larger_than_the_budget_says_so():
+    async def scenario():
+        runtime, pool = FakeRuntime(size=2000), ModelPool(1000)
+        runtime.gate.set()
+        warnings = []
+        (await pool.acquire("m", "/m", runtime, {}, warn=warnings.append)).release()
+        assert "alone is larger than the budget" in warnings[0]
 
     asyncio.run(scenario())

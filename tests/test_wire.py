@@ -48,3 +48,9 @@ def test_encode_escapes_every_non_ascii_character():
     assert frame.isascii() and frame.endswith(b"\n") and frame.count(b"\n") == 1
     assert json.loads(frame)["text"] == text
     assert b"\\u2028" in frame and b"\\ud83d\\ude00" in frame
+
+
+def test_a_last_line_without_newline_is_kept_at_end_of_input():
+    splitter = LineSplitter(100)
+    assert feed_all(splitter, b'{"a":1}\n{"b"', b":2}") == [b'{"a":1}']
+    assert splitter.finish() == [b'{"b":2}'] and splitter.finish() == []
