@@ -84,12 +84,10 @@ class LlamaCppModel:
         tokens = self.llama.generate(prompt_ids, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
                                      temp=temp, repeat_penalty=sampling.repeat_penalty, reset=True)
         try:
-            for count, token in enumerate(tokens):
-                if count >= max_tokens:
-                    return
+            for count, token in enumerate(tokens, start=1):
                 yield int(token)
-                if cancelled is not None and cancelled.is_set():
-                    return
+                if count >= max_tokens or (cancelled is not None and cancelled.is_set()):
+                    return  # before the generator evaluates a token nobody will read
         finally:
             tokens.close()
 

@@ -19,11 +19,11 @@ def stream_token_ids(model: Any, prompt_ids: list[int], sampling: Sampling, max_
     history = list(prompt_ids)
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1)
-        for _ in range(max_tokens):
+        for step in range(1, max_tokens + 1):
             token = choose_token(out.logits[0, -1].to("cpu"), history, sampling, generator)
             yield token
-            if cancelled is not None and cancelled.is_set():
-                return
+            if step == max_tokens or (cancelled is not None and cancelled.is_set()):
+                return  # no forward pass for a token nobody will read
             history.append(token)
             out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values,
                         use_cache=True)
