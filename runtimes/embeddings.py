@@ -27,6 +27,7 @@ Torch, numpy and transformers are imported inside the functions, so importing th
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import threading
 from collections.abc import Sequence
@@ -61,6 +62,14 @@ class InputTooLong(ValueError):
         self.max_length = max_length
 
 
+class EmptyInput(ValueError):
+    """A text tokenizes to nothing (possible with tokenizers that add no special tokens), so it has no vector."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"text {index} has no tokens to embed")
+        self.index = index
+
+
 # --- configuration from the model directory ---------------------------------------------------------------
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -72,26 +81,28 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _sentence_transformers_pooling(model_dir: Path) -> Pooling | None:
-    modules = None
-    try:
-        modules = json.loads((model_dir / "modules.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass
-    folders = [m.get("path", "") for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith(".Pooling")] \
-        if isinstance(modules, list) else []
-    if not folders and (model_dir / "1_Pooling").is_dir():
-        folders = ["1_Pooling"]
-    for folder in folders:
+    """The pooling named by a sentence-transformers directory (modules.json -> <Pooling folder>/config.json)."""
+    modules = _read_json_list(model_dir / "modules.json")
+    folders = [str(m.get("path", "")) for m in modules if str(m.get("type", "")).endswith(".Pooling")]
+    for folder in folders or ["1_Pooling"]:
         config = _read_json(model_dir / folder / "config.json")
         if config is None:
             continue
         mode = config.get("pooling_mode")
-        if isinstance(mode, str) and mode in _ST_MODES:
-            return _ST_MODES[mode]  # type: ignore[return-value]
-        for key in ("pooling_mode_lasttoken", "pooling_mode_cls_token", "pooling_mode_mean_tokens"):
-            if config.get(key):
-                return _ST_MODES[key.removeprefix("pooling_mode_")]  # type: ignore[return-value]
+        if isinstance(mode, str):
+            return _ST_MODES.get(mode)  # type: ignore[return-value]
+        for flag in ("lasttoken", "cls_token", "mean_tokens"):  # legacy boolean flags
+            if config.get(f"pooling_mode_{flag}"):
+                return _ST_MODES[flag]  # type: ignore[return-value]
     return None
+
+
+def _read_json_list(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
 
 
 def default_pooling(model_dir: Path, is_causal_lm: bool) -> Pooling:
@@ -111,25 +122,33 @@ def default_pooling(model_dir: Path, is_causal_lm: bool) -> Pooling:
 
 
 def resolve_max_length(tokenizer: Any, model: Any = None, model_dir: Path | str | None = None) -> int | None:
-    """The longest input (in tokens) the model takes, the way sentence-transformers decides it."""
+    """The longest input (in tokens) the model takes, decided the way sentence-transformers decides it.
+
+    sentence_bert_config.json `max_seq_length` when the directory has one (model_dir, or the directory the
+    model was loaded from), else tokenizer.model_max_length when it is a real limit; either way no more
+    than config.max_position_embeddings.
+    """
     if model_dir is None and model is not None:
         name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
         model_dir = name if name and Path(name).is_dir() else None
-    limits: list[int] = []
-    if model_dir is not None:
-        st_config = _read_json(Path(model_dir) / "sentence_bert_config.json") or {}
-        if isinstance(st_config.get("max_seq_length"), int) and st_config["max_seq_length"] > 0:
-            return int(st_config["max_seq_length"])
-    tokenizer_max = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tokenizer_max, int) and 0 < tokenizer_max < _INSANE_MAX_LENGTH:
-        limits.append(tokenizer_max)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
     positions = getattr(config, "max_position_embeddings", None)
-    if isinstance(positions, int) and positions > 0:
-        limits.append(positions)
-    return min(limits) if limits else None
+    positions = positions if isinstance(positions, int) and positions > 0 else None
+
+    limit = None
+    if model_dir is not None:
+        st_config = _read_json(Path(model_dir) / "sentence_bert_config.json") or {}
+        if isinstance(st_config.get("max_seq_length"), int) and st_config["max_seq_length"] > 0:
+            limit = st_config["max_seq_length"]
+    if limit is None:
+        tokenizer_max = getattr(tokenizer, "model_max_length", None)
+        if isinstance(tokenizer_max, int) and 0 < tokenizer_max < _INSANE_MAX_LENGTH:
+            limit = tokenizer_max
+    if limit is None or positions is None:
+        return limit if limit is not None else positions
+    return min(limit, positions)
 
 
 # --- the fast fp32 linear on CPU --------------------------------------------------------------------------
@@ -161,31 +180,37 @@ def _onednn_linear_works() -> bool:
         return _onednn_checked
 
 
-def _onednn_linear_mode() -> Any:
-    """A TorchFunctionMode that sends float32 CPU `F.linear` calls to oneDNN. The model is not modified."""
+@functools.cache
+def _onednn_linear_mode_class() -> type:
     import torch
     from torch.overrides import TorchFunctionMode
 
     linear = torch.nn.functional.linear
     onednn = torch.ops.mkldnn._linear_pointwise
-
     dense_types = (torch.Tensor, torch.nn.Parameter)  # not subclasses such as FakeTensor or DTensor
 
     def plain(t: Any) -> bool:
         return type(t) in dense_types and t.dtype == torch.float32 and t.device.type == "cpu" and t.layout == torch.strided
 
-    class _OneDNNLinear(TorchFunctionMode):
+    class OneDNNLinear(TorchFunctionMode):
+        """Sends float32 CPU `F.linear(x, weight, bias)` to oneDNN's linear; everything else runs as usual."""
+
         def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
             kwargs = kwargs or {}
-            if func is linear:
-                x, weight = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
+            if func is linear and len(args) >= 2 and kwargs.keys() <= {"bias"}:
+                x, weight = args[0], args[1]
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                if (plain(x) and plain(weight) and weight.dim() == 2 and weight.is_contiguous() and x.dim() >= 2
-                        and x.numel() > 0 and (bias is None or plain(bias))):
+                if (plain(x) and x.dim() >= 2 and x.numel() > 0 and plain(weight) and weight.dim() == 2
+                        and weight.is_contiguous() and (bias is None or plain(bias))):
                     return onednn(x, weight, bias, "none", [], "")
             return func(*args, **kwargs)
 
-    return _OneDNNLinear()
+    return OneDNNLinear
+
+
+def _onednn_linear_mode() -> Any:
+    """A context in which float32 CPU linear layers run on oneDNN. The model itself is not modified."""
+    return _onednn_linear_mode_class()()
 
 
 # --- the embedding path ---------------------------------------------------------------------------------
@@ -230,7 +255,10 @@ def pool_hidden(hidden: Any, mask: Any, pooling: Pooling) -> Any:
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], *, truncate: bool, max_length: int | None) -> list[list[int]]:
-    """Token ids of every text (special tokens included), truncated to max_length when truncate is on."""
+    """Token ids of every text (special tokens included), truncated to max_length when truncate is on.
+
+    Raises InputTooLong (truncate off, a text over max_length) or EmptyInput (a text with no tokens at all).
+    """
     if truncate and max_length is not None:
         encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False,
                             return_attention_mask=False, return_token_type_ids=False)
@@ -238,10 +266,11 @@ def tokenize(tokenizer: Any, texts: Sequence[str], *, truncate: bool, max_length
         encoded = tokenizer(list(texts), truncation=False, padding=False, verbose=False,
                             return_attention_mask=False, return_token_type_ids=False)
     ids: list[list[int]] = encoded["input_ids"]
-    if not truncate and max_length is not None:
-        for index, row in enumerate(ids):
-            if len(row) > max_length:
-                raise InputTooLong(index, len(row), max_length)
+    for index, row in enumerate(ids):
+        if not row:
+            raise EmptyInput(index)
+        if not truncate and max_length is not None and len(row) > max_length:
+            raise InputTooLong(index, len(row), max_length)
     return ids
 
 
@@ -259,7 +288,8 @@ def embed_texts(model: Any, tokenizer: Any, texts: Sequence[str], *, pooling: Po
     """Embed texts; returns (float32 array (len(texts), dim) in input order, number of real tokens processed).
 
     Texts are tokenized once, sorted by token count and batched `batch_size` at a time, each batch padded
-    only to its longest text. truncate=False raises InputTooLong for the first text over the limit.
+    only to its longest text. truncate=False raises InputTooLong for the first text over the limit; a text
+    with no tokens at all (only possible when the tokenizer adds no special tokens) raises EmptyInput.
     `cancelled` is checked before every batch; when set, protocol.errors.Cancelled({"done": n}) is raised,
     n being how many texts were embedded.
     """
