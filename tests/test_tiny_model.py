@@ -83,7 +83,9 @@ def test_loads_with_transformers(loaded) -> None:
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert config.vocab_size == len(tokenizer)
     assert tokenizer.bos_token == tokenizer.eos_token == tokenizer.pad_token == "<|endoftext|>"
-    assert tokenizer.eos_token_id == config.eos_token_id == model.generation_config.eos_token_id
+    assert tokenizer.eos_token_id == config.eos_token_id
+    # generation stops at the end of a document or of a chat turn
+    assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
     text = "The tortoise won the race, and the hare was surprised! 123 ünïcode"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level round trip
 
