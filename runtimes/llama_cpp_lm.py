@@ -37,6 +37,7 @@ class LlamaCppModel:
     dtype: str = "gguf"
     runtime: str = "llama.cpp"
     adapters: tuple[str, ...] = ()
+    _stop_ids: frozenset[int] | None = None
 
     @property
     def context_length(self) -> int:
@@ -68,10 +69,13 @@ class LlamaCppModel:
         return formatter(messages=messages).prompt
 
     def stop_ids(self) -> set[int]:
-        import llama_cpp
+        """End-of-generation tokens, found once per loaded model (a scan of the vocabulary costs ~20-30 ms)."""
+        if self._stop_ids is None:
+            import llama_cpp
 
-        vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
-        return {t for t in range(self.llama.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+            vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
+            self._stop_ids = frozenset(t for t in range(self.llama.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t))
+        return set(self._stop_ids)
 
     def detokenizer(self) -> _BytesDetokenizer:
         return _BytesDetokenizer(self.llama)
