@@ -34,6 +34,7 @@ ErrorKind = Literal[
     "file_not_found",
     "prompt_too_long",
     "input_too_long",
+    "input_empty",
     "no_chat_template",
     "adapter_invalid",
     "internal",

@@ -99,7 +99,7 @@ class TransformersModel:
     def embed(self, texts: list[str], *, pooling: str | None, normalize: bool, truncate: bool, batch_size: int,
               cancelled: Any) -> tuple[Any, int, str]:
         """(float32 vectors, real tokens, pooling used); pooling defaults to the model's own configuration."""
-        from runtimes.embeddings import InputTooLong, default_pooling, embed_texts
+        from runtimes.embeddings import EmptyInput, InputTooLong, default_pooling, embed_texts
 
         chosen = pooling or default_pooling(self.path, self.is_causal_lm)
         try:
@@ -108,6 +108,9 @@ class TransformersModel:
         except InputTooLong as exc:
             raise TextTooLong(str(exc) + "; shorten it or pass truncate: true", index=exc.index, tokens=exc.tokens,
                               max_length=exc.max_length) from None
+        except EmptyInput as exc:
+            raise TextEmpty(f"text {exc.index} has no tokens for this model's tokenizer; drop it or add some text",
+                            index=exc.index) from None
         return vectors, tokens, chosen
 
     def close(self) -> None:
@@ -127,6 +130,10 @@ class TransformersModel:
 
 class TextTooLong(UnsupportedModel):
     error_kind = "input_too_long"
+
+
+class TextEmpty(UnsupportedModel):
+    error_kind = "input_empty"
 
 
 class NoChatTemplate(UnsupportedModel):

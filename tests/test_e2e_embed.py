@@ -102,5 +102,7 @@ def test_decoder_embeddings_on_both_runtimes_agree(spawn, tiny_path):
     assert hf["runtime"] == "transformers" and cpp["runtime"] == "llama.cpp" and cpp["pooling"] == "mean"
     assert hf["dimensions"] == cpp["dimensions"] == 64
     assert cosines(np.array(hf["embeddings"]), np.array(cpp["embeddings"])).min() > 0.999
+    empty = sidecar.call("embed", {"model": "builtin:tiny", "input": ["fox", ""]})["error"]
+    assert empty["data"]["kind"] == "input_empty" and empty["data"]["detail"]["index"] == 1
     generated = sidecar.call("generate", {"model": str(gguf), "prompt": "The fox", "max_tokens": 3, "temperature": 0})
     assert generated["result"]["usage"]["completion_tokens"] >= 1  # the generation entry is a separate load
