@@ -79,7 +79,7 @@ async def embed(params: m.EmbedParams, ctx: Context) -> m.EmbedResult:
         async with lease.entry.lock:
             compute_started = time.perf_counter()
             vectors, tokens, pooling = await run_to_completion(
-                ctx, model.embed, texts, pooling=params.pooling, normalize=params.normalize, truncate=params.truncate,
+                ctx, lease.entry.engine, model.embed, texts, pooling=params.pooling, normalize=params.normalize, truncate=params.truncate,
                 batch_size=params.batch_size, cancelled=ctx.cancelled)
             ctx.check_cancelled({"done": len(texts)})
             compute_ms = (time.perf_counter() - compute_started) * 1000

@@ -180,7 +180,7 @@ async def generate(params: m.GenerateParams, ctx: Context) -> m.GenerateResult:
             raise RpcError.failed("unsupported_model", f"{params.model} is not a causal language model; use embed with it")
         async with lease.entry.lock:
             ctx.check_cancelled({"text": "", "completion_tokens": 0})
-            outcome = await run_to_completion(ctx, decode, model, params, ctx, sampling, adapters)
+            outcome = await run_to_completion(ctx, lease.entry.engine, decode, model, params, ctx, sampling, adapters)
             if ctx.cancelled.is_set():
                 outcome.finish_reason = "cancelled"
     finally:

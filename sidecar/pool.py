@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 import logging
 import time
 from collections.abc import Callable
@@ -42,6 +44,7 @@ class PoolEntry:
     expires_at: float | None = None
     released: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one request at a time computes on a model
+    engine: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
 
     def info(self) -> m.ModelInfo:
         return m.ModelInfo(
@@ -113,6 +116,9 @@ class ModelPool:
 
     async def _load(self, key: tuple, reference: str, path: Any, runtime: Runtime, options: dict[str, Any],
                     warn: Callable[[str], None] | None) -> PoolEntry:
+        # One thread per model for everything that touches the engine: OpenMP (torch, llama.cpp) keeps its
+        # fast spinning barriers only while a single thread calls in; hopping threads halves decode speed.
+        engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{Path(str(path)).name}")
         estimate = runtime.estimate_bytes(path, options)
         self._make_room(estimate, warn)
 
@@ -121,8 +127,12 @@ class ModelPool:
             for listener in list(loading.listeners if loading else ()):
                 listener(step, total, message)
 
-        model = await asyncio.to_thread(runtime.load, path, options, fan_out)
-        entry = PoolEntry(key, reference, str(path), runtime.name, model)
+        try:
+            model = await asyncio.get_running_loop().run_in_executor(engine, runtime.load, path, options, fan_out)
+        except BaseException:
+            engine.shutdown(wait=False)
+            raise
+        entry = PoolEntry(key, reference, str(path), runtime.name, model, engine=engine)
         self._entries[key] = entry
         self._make_room(0, warn, keep=entry)
         self._schedule_expiry(entry)  # if every waiter was cancelled, the model still goes when its time is up
@@ -180,11 +190,17 @@ class ModelPool:
             warn(f"the model pool is over its budget ({self.used_bytes + needed} > {self.budget_bytes} bytes) {reason}")
 
     def _unload(self, entry: PoolEntry) -> asyncio.Future:
-        """Drop the entry now; free its memory on a thread so the loop (and ping) never waits on it."""
+        """Drop the entry now; free its memory on its engine thread so the loop (and ping) never waits on it."""
         self._cancel_expiry(entry)
-        if self._entries.get(entry.key) is entry:
-            del self._entries[entry.key]
-        return asyncio.get_running_loop().run_in_executor(None, entry.model.close)
+        loop = asyncio.get_running_loop()
+        if self._entries.get(entry.key) is not entry:  # unloaded already
+            done = loop.create_future()
+            done.set_result(None)
+            return done
+        del self._entries[entry.key]
+        closing = loop.run_in_executor(entry.engine, entry.model.close)
+        entry.engine.shutdown(wait=False)  # runs the queued close, then the thread ends
+        return closing
 
     # ----- methods behind models/* and status
 
