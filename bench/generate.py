@@ -75,6 +75,7 @@ RESULTS = ROOT / "bench" / "results" / "generate.json"
 CACHE = ROOT / "bench" / "results" / "generate-cache"
 sys.path.insert(0, str(ROOT))
 
+from bench.report import fmt, print_aligned, verdict  # noqa: E402
 from protocol.version import PROTOCOL_VERSION  # noqa: E402
 from sidecar.client import SidecarError, SidecarProcess  # noqa: E402
 
@@ -762,42 +763,16 @@ def _regime_row(label: str, ours: dict[str, Any], direct: dict[str, Any], base: 
              "target": "(info: same regime = fair)", "pass": None}]
 
 
-def _fmt(value: float, unit: str) -> str:
-    if unit == "s":
-        return f"{value * 1000:.1f} ms" if value < 10 else f"{value:.2f} s"
-    if unit == "tok/s":
-        return f"{value:.2f} tok/s"
-    if unit == "cpus":
-        return f"{value:.2f} CPUs"
-    if unit == "n":
-        return f"{value:.0f}"
-    return f"{value:g}"
-
-
 def print_table(rows: list[dict[str, Any]]) -> None:
-    header = ("metric", "ours", "baseline", "ratio", "target", "result")
-    table = [header]
+    cells = []
     for row in rows:
         unit = row["unit"]
-        baseline = f"{_fmt(row['baseline'], unit)} ({row['baseline_label']})"
+        baseline = f"{fmt(row['baseline'], unit)} ({row['baseline_label']})"
         ratio = f"{row['ratio']:.3f} ({row['ratio_label']})" if row["ratio"] is not None else row.get("extra", "-")
         if row.get("note"):
             ratio += f"; {row['note']}"
-        result = "-" if row["pass"] is None else ("PASS" if row["pass"] else "FAIL <<<")
-        table.append((row["metric"], _fmt(row["ours"], unit), baseline, ratio, row["target"], result))
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-    print(line)
-    for index, r in enumerate(table):
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-        if index == 0:
-            print(line)
-    print(line)
-    failed = [r["metric"] for r in rows if r["pass"] is False]
-    if failed:
-        print(f"FAIL: {len(failed)} target(s) missed: " + "; ".join(failed))
-    else:
-        print("All targets met.")
+        cells.append((row["metric"], fmt(row["ours"], unit), baseline, ratio, row["target"], verdict(row)))
+    print_aligned(("metric", "ours", "baseline", "ratio", "target", "result"), cells, rows)
     if any(r.get("like_for_like") is False for r in rows):
         print("Note: the sidecar and the direct call ran in different OpenMP barrier regimes (thread sleeps per token), "
               "so those ratios measure libgomp's wait policy as much as the sidecar; the default --omp-wait-policy "

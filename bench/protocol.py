@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "protocol.json"
 sys.path.insert(0, str(ROOT))
 
+from bench.report import fmt, print_aligned, verdict  # noqa: E402
 from protocol.version import PROTOCOL_VERSION  # noqa: E402
 
 try:
@@ -456,38 +457,14 @@ def build_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(value: float, unit: str) -> str:
-    if unit == "s":
-        return f"{value * 1000:.1f} ms" if value < 10 else f"{value:.2f} s"
-    if unit == "us":
-        return f"{value:.1f} us"
-    if unit == "/s":
-        return f"{value:,.0f}/s"
-    return f"{value:g}"
-
-
 def print_table(rows: list[dict[str, Any]]) -> None:
-    header = ("metric", "ours", "baseline(s)", "ratio", "target", "result")
-    table = [header]
+    cells = []
     for row in rows:
         unit = row["unit"]
-        baselines = ", ".join(f"{name} {_fmt(v, unit)}" for name, v in row["baselines"].items()) or "-"
+        baselines = ", ".join(f"{name} {fmt(v, unit)}" for name, v in row["baselines"].items()) or "-"
         ratio = f"{row['ratio']:.2f} ({row['ratio_label']})" if row["ratio"] is not None else "-"
-        result = "-" if row["pass"] is None else ("PASS" if row["pass"] else "FAIL <<<")
-        table.append((row["metric"], _fmt(row["ours"], unit), baselines, ratio, row["target"], result))
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-    print(line)
-    for index, r in enumerate(table):
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-        if index == 0:
-            print(line)
-    print(line)
-    failed = [r["metric"] for r in rows if r["pass"] is False]
-    if failed:
-        print(f"FAIL: {len(failed)} target(s) missed: " + "; ".join(failed))
-    else:
-        print("All targets met.")
+        cells.append((row["metric"], fmt(row["ours"], unit), baselines, ratio, row["target"], verdict(row)))
+    print_aligned(("metric", "ours", "baseline(s)", "ratio", "target", "result"), cells, rows)
 
 
 def environment() -> dict[str, Any]:
