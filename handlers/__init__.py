@@ -18,6 +18,8 @@ IMPLEMENTATIONS: dict[str, str] = {
     "embed": "handlers.embed:embed",
     "artifacts/list": "handlers.artifacts:list_artifacts",
     "artifacts/get": "handlers.artifacts:get_artifact",
+    "train": "handlers.train:train",
+    "datasets/inspect": "handlers.datasets:inspect",
     "debug/sleep": "handlers.debug:sleep",
     "debug/stream": "handlers.debug:stream",
     "debug/crash": "handlers.debug:crash",

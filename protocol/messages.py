@@ -363,6 +363,153 @@ class ArtifactsGetParams(Params):
     id: str
 
 
+# ----- datasets and training
+
+DatasetFormat = Literal["auto", "text", "completions", "chat", "alpaca", "sharegpt"]
+FileType = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet"]
+
+
+class DatasetRef(Params):
+    """A dataset file and how to read it; `columns` maps our field names to the file's own
+    (for example {"prompt": "question", "completion": "answer"} or {"messages": "dialog"})."""
+
+    path: str
+    format: DatasetFormat = "auto"
+    file_type: FileType = "auto"
+    columns: dict[str, str] = {}
+
+
+DatasetArg = Union[str, DatasetRef]
+
+
+class DatasetsInspectParams(Params):
+    data: DatasetArg
+    model: str | None = None
+    chat_template: str | None = None
+    max_seq_length: int = 2048
+    samples: int = 3
+    strict: bool = False
+
+
+class DatasetProblem(Result):
+    row: int
+    reason: str
+
+
+class TokenStats(Result):
+    min: int
+    max: int
+    mean: float
+    median: float
+    p95: int
+    total: int
+    trained_tokens: int
+
+
+class DatasetSample(Result):
+    row: int
+    rendered: str
+    tokens: int | None
+    trained_tokens: int | None
+
+
+class DatasetsInspectResult(Result):
+    path: str
+    file_type: str
+    format: str
+    rows: int
+    valid_rows: int
+    problem_count: int
+    problems: list[DatasetProblem]
+    samples: list[DatasetSample]
+    tokens: TokenStats | None
+    sha256: str
+
+
+class DistributedOptions(Params):
+    """Data-parallel training in `processes` local processes (PyTorch DDP; gloo on CPU, NCCL on GPUs)."""
+
+    processes: int = 1
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+UNSET = msgspec.UNSET
+Unset = msgspec.UnsetType
+
+
+class TrainParams(Params):
+    """Fields left out come from the preset (or the checkpoint being resumed), then the defaults."""
+
+    model: str | Unset = UNSET
+    data: DatasetArg | Unset = UNSET
+    validation: DatasetArg | None | Unset = UNSET
+    validation_split: float | Unset = UNSET
+    preset: Literal["quick", "quality"] | None | Unset = UNSET
+    method: Literal["lora", "dora", "qlora", "full"] | Unset = UNSET
+    lora_rank: int | Unset = UNSET
+    lora_alpha: float | Unset = UNSET
+    lora_dropout: float | Unset = UNSET
+    target_modules: list[str] | Literal["all-linear"] | Unset = UNSET
+    loss_on: Literal["auto", "completions", "all"] | Unset = UNSET
+    chat_template: str | None | Unset = UNSET
+    max_seq_length: int | Unset = UNSET
+    batch_size: int | Unset = UNSET
+    batch_tokens: int | None | Unset = UNSET
+    packing: bool | Unset = UNSET
+    gradient_accumulation: int | Unset = UNSET
+    learning_rate: float | Unset = UNSET
+    lr_schedule: Literal["cosine", "linear", "constant"] | Unset = UNSET
+    warmup_steps: int | None | Unset = UNSET
+    warmup_ratio: float | Unset = UNSET
+    weight_decay: float | Unset = UNSET
+    max_grad_norm: float | None | Unset = UNSET
+    epochs: float | Unset = UNSET
+    max_steps: int | None | Unset = UNSET
+    gradient_checkpointing: bool | Unset = UNSET
+    seed: int | Unset = UNSET
+    eval_every: int | None | Unset = UNSET
+    early_stopping_patience: int | None | Unset = UNSET
+    checkpoint_every: int | None | Unset = UNSET
+    strict: bool | Unset = UNSET
+    resume_from: str | None | Unset = UNSET
+    output: str | None | Unset = UNSET
+    name: str | None | Unset = UNSET
+    distributed: DistributedOptions | Unset = UNSET
+    options: LoadOptions | Unset = UNSET
+
+
+class TrainMetrics(Result):
+    train_loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    steps: int
+    epochs: float
+    examples: int
+    tokens: int
+    trained_tokens: int
+    tokens_per_s: float
+    train_s: float
+    peak_rss_bytes: int
+    peak_gpu_bytes: int | None
+
+
+class TrainFiles(Result):
+    run_dir: str
+    metrics_csv: str
+    metrics_json: str
+    loss_curve_png: str | None
+
+
+class TrainResult(Result):
+    artifact: Artifact
+    run_id: str | None
+    stopped: Literal["completed", "max_steps", "early_stopping"]
+    metrics: TrainMetrics
+    files: TrainFiles
+    checkpoints: list[str]
+    params: dict[str, Any]
+
+
 # ----- diagnostic methods (only with --debug): exercise the job engine before the real long methods exist
 
 

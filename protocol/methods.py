@@ -31,6 +31,8 @@ METHODS: dict[str, MethodContract] = {
     "embed": MethodContract(m.EmbedParams, m.EmbedResult, "sidecar", "Embed one text or many, with the model's pooling."),
     "artifacts/list": MethodContract(m.ArtifactsListParams, m.ArtifactsListResult, "sidecar", "Artifacts in the registry, newest first."),
     "artifacts/get": MethodContract(m.ArtifactsGetParams, m.Artifact, "sidecar", "One artifact of the registry by id."),
+    "train": MethodContract(m.TrainParams, m.TrainResult, "worker", "Fine-tune a model (LoRA, DoRA, QLoRA or full) on a dataset, with progress, checkpoints and resume."),
+    "datasets/inspect": MethodContract(m.DatasetsInspectParams, m.DatasetsInspectResult, "worker", "Detect a dataset's format, count its rows and tokens, show rendered samples and list its problems."),
     "debug/sleep": MethodContract(m.DebugSleepParams, m.DebugSleepResult, "worker", "Diagnostic long job: sleeps in a worker with progress.", debug=True),
     "debug/stream": MethodContract(m.DebugStreamParams, m.DebugStreamResult, "sidecar", "Diagnostic: streams tokens from the sidecar process.", debug=True),
     "debug/crash": MethodContract(m.DebugCrashParams, m.EmptyResult, "worker", "Diagnostic: kills its own worker process.", debug=True),
