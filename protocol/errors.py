@@ -37,6 +37,7 @@ ErrorKind = Literal[
     "input_empty",
     "no_chat_template",
     "adapter_invalid",
+    "checkpoint_invalid",
     "internal",
 ]
 
