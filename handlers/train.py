@@ -54,7 +54,7 @@ def resolve_params(params: m.TrainParams, checkpoint_params: dict[str, Any] | No
         resolved.update(checkpoint_params)
         for key, value in explicit.items():
             if key not in RESUMABLE_CHANGES and key in checkpoint_params and checkpoint_params[key] != value:
-                raise RpcError.invalid_params(key, f"the checkpoint was trained with {key}={checkpoint_params[key]!r}; a resumed "
+                raise RpcError.invalid_params(f"params.{key}", f"the checkpoint was trained with {key}={checkpoint_params[key]!r}; a resumed "
                                                    f"run keeps it (leave {key} out, or start a new run without resume_from)")
     resolved.update(explicit)
     resolved["preset"] = preset
@@ -65,31 +65,31 @@ def resolve_params(params: m.TrainParams, checkpoint_params: dict[str, Any] | No
 
 def _check(p: dict[str, Any]) -> None:
     if not p.get("model"):
-        raise RpcError.invalid_params("model", "required: a model reference (builtin:tiny, a directory, an artifact id or an HF id)")
+        raise RpcError.invalid_params("params.model", "required: a model reference (builtin:tiny, a directory, an artifact id or an HF id)")
     if not p.get("data"):
-        raise RpcError.invalid_params("data", "required: a dataset file (JSONL, JSON, CSV, TSV or Parquet)")
+        raise RpcError.invalid_params("params.data", "required: a dataset file (JSONL, JSON, CSV, TSV or Parquet)")
     positive = ["lora_rank", "max_seq_length", "batch_size", "gradient_accumulation"]
     for key in positive:
         if int(p[key]) < 1:
-            raise RpcError.invalid_params(key, f"must be at least 1, got {p[key]}")
+            raise RpcError.invalid_params(f"params.{key}", f"must be at least 1, got {p[key]}")
     for key in ("batch_tokens", "max_steps", "eval_every", "checkpoint_every", "early_stopping_patience", "warmup_steps"):
         if p[key] is not None and int(p[key]) < (0 if key == "warmup_steps" else 1):
-            raise RpcError.invalid_params(key, f"must be a positive integer or null, got {p[key]}")
+            raise RpcError.invalid_params(f"params.{key}", f"must be a positive integer or null, got {p[key]}")
     if not 0.0 <= float(p["validation_split"]) < 1.0:
-        raise RpcError.invalid_params("validation_split", f"must be in [0, 1), got {p['validation_split']}")
+        raise RpcError.invalid_params("params.validation_split", f"must be in [0, 1), got {p['validation_split']}")
     if not 0.0 <= float(p["lora_dropout"]) < 1.0:
-        raise RpcError.invalid_params("lora_dropout", f"must be in [0, 1), got {p['lora_dropout']}")
+        raise RpcError.invalid_params("params.lora_dropout", f"must be in [0, 1), got {p['lora_dropout']}")
     if float(p["learning_rate"]) <= 0:
-        raise RpcError.invalid_params("learning_rate", f"must be positive, got {p['learning_rate']}")
+        raise RpcError.invalid_params("params.learning_rate", f"must be positive, got {p['learning_rate']}")
     if float(p["epochs"]) <= 0 and not p["max_steps"]:
-        raise RpcError.invalid_params("epochs", "must be positive (or give max_steps)")
+        raise RpcError.invalid_params("params.epochs", "must be positive (or give max_steps)")
     if p["batch_tokens"] is not None and p["batch_tokens"] < p["max_seq_length"]:
-        raise RpcError.invalid_params("batch_tokens", f"must be at least max_seq_length ({p['max_seq_length']}) so every example fits")
+        raise RpcError.invalid_params("params.batch_tokens", f"must be at least max_seq_length ({p['max_seq_length']}) so every example fits")
     processes = int(p["distributed"].get("processes", 1))
     if not 1 <= processes <= 64:
-        raise RpcError.invalid_params("distributed.processes", f"must be between 1 and 64, got {processes}")
+        raise RpcError.invalid_params("params.distributed.processes", f"must be between 1 and 64, got {processes}")
     if p["early_stopping_patience"] and not p["eval_every"]:
-        raise RpcError.invalid_params("early_stopping_patience", "needs eval_every (early stopping watches the validation loss)")
+        raise RpcError.invalid_params("params.early_stopping_patience", "needs eval_every (early stopping watches the validation loss)")
 
 
 def _dataset(arg: Any) -> dict[str, Any]:

@@ -62,6 +62,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                              chunk: int = CHUNK_ROWS) -> torch.Tensor:
     """Sum over rows of CE(hidden @ weight.T + bias, targets), in float32."""
-    if hidden.shape[0] == 0:
-        return hidden.sum() * 0.0
+    if hidden.shape[0] == 0:  # still touch every input, so DDP sees each parameter used
+        return (hidden.sum() + weight.sum() + (bias.sum() if bias is not None else 0.0)) * 0.0
+    if not torch.is_grad_enabled():  # evaluation: the loss alone, no gradient work
+        return sum((_chunk_loss(hidden[i:i + chunk], weight, bias, targets[i:i + chunk]) for i in range(0, hidden.shape[0], chunk)),
+                   hidden.new_zeros((), dtype=torch.float32))
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+    logits = (hidden @ weight.t()).float()
+    if bias is not None:
+        logits += bias.float()
+    return (torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[:, None]).squeeze(1)).sum()

@@ -40,7 +40,7 @@ def plan_epoch(lengths: Sequence[int], seed: int, epoch: int, options: PlanOptio
     """Global micro-batches for one epoch, each already split into one shard per process."""
     order = epoch_order(len(lengths), seed, epoch)
     if options.batch_tokens:
-        groups = _by_token_budget(order, lengths, options.batch_tokens * options.world_size)
+        return _sharded_by_token_budget(order, lengths, options.batch_tokens, options.world_size)
     else:
         groups = [order[i:i + options.batch_size * options.world_size] for i in range(0, len(order), options.batch_size * options.world_size)]
         if not options.packing:
@@ -51,21 +51,27 @@ def plan_epoch(lengths: Sequence[int], seed: int, epoch: int, options: PlanOptio
 def plan_eval(lengths: Sequence[int], batch_tokens: int, world_size: int) -> list[list[list[int]]]:
     """Validation batches: longest first into token budgets (no shuffling, nothing trained)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [_shard(group, lengths, world_size) for group in _by_token_budget(order, lengths, batch_tokens * world_size)]
+    return _sharded_by_token_budget(order, lengths, batch_tokens, world_size)
 
 
-def _by_token_budget(order: list[int], lengths: Sequence[int], budget: int) -> list[list[int]]:
-    groups: list[list[int]] = []
-    current: list[int] = []
-    used = 0
+def _sharded_by_token_budget(order: list[int], lengths: Sequence[int], budget: int, world_size: int) -> list[list[list[int]]]:
+    """Global micro-batches in which no process's share exceeds `budget` tokens (an example longer
+    than the budget goes alone): each example joins the least-loaded share it fits in, and the
+    micro-batch closes when it fits in none."""
+    groups: list[list[list[int]]] = []
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
     for index in order:
-        if current and used + lengths[index] > budget:
-            groups.append(current)
-            current, used = [], 0
-        current.append(index)
-        used += lengths[index]
-    if current:
-        groups.append(current)
+        fitting = [r for r in range(world_size) if not shards[r] or loads[r] + lengths[index] <= budget]
+        if not fitting:
+            groups.append(shards)
+            shards, loads = [[] for _ in range(world_size)], [0] * world_size
+            fitting = list(range(world_size))
+        rank = min(fitting, key=lambda r: (loads[r], r))
+        shards[rank].append(index)
+        loads[rank] += lengths[index]
+    if any(shards):
+        groups.append(shards)
     return groups
 
 

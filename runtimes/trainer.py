@@ -267,8 +267,7 @@ class _Loop:
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.forward = DistributedDataParallel(loss_module, broadcast_buffers=False,
-                                                   device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
+            self.forward = DistributedDataParallel(loss_module, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
         else:
             self.forward = loss_module
         self.lengths = [len(example.input_ids) for example in data.train]
