@@ -216,6 +216,9 @@ def load_trainable_model(model_path: Path, config: TrainConfig, packed_attention
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft asks transformers
     model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
     if config.method != "qlora":
         model.to(device)

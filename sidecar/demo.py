@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from protocol.version import PROTOCOL_VERSION
@@ -35,7 +36,8 @@ def main(argv: list[str]) -> int:
     view = TerminalView()
     env = dict(os.environ)
     env.setdefault("MLSIDECAR_LOG_LEVEL", "WARNING")
-    with SidecarProcess(["--debug"], env=env) as sidecar:
+    data_dir = Path(__file__).resolve().parents[1] / "runtimes" / "data"
+    with SidecarProcess(["--debug", "--allow-root", str(data_dir)], env=env) as sidecar:
         def call(method: str, params: dict[str, Any] | None = None) -> Any:
             show(method, {"method": method, "params": params or {}})
             result = sidecar.request(method, params, on_event=view.event)
@@ -82,6 +84,26 @@ def main(argv: list[str]) -> int:
         similarity = sum(a * b for a, b in zip(vectors[0], vectors[1]))
         print(f"<- {embedded['count']} vectors of {embedded['dimensions']} ({embedded['pooling']} pooling); "
               f"cosine(fox/crow, crow/cheese) = {similarity:.3f}")
+
+        dataset = str(data_dir / "demo_chat.jsonl")
+        inspected = call("datasets/inspect", {"data": dataset, "model": args.model, "samples": 1})
+        stats = inspected["tokens"]
+        print(f"<- {inspected['format']} data, {inspected['valid_rows']}/{inspected['rows']} usable rows, "
+              f"{stats['min']}-{stats['max']} tokens (mean {stats['mean']:.0f}), {stats['trained_tokens']} trained")
+        print("   first row as the model sees it: " + json.dumps(inspected["samples"][0]["rendered"])[:160])
+
+        trained = call("train", {"model": args.model, "data": dataset, "preset": "quick"})
+        metrics = trained["metrics"]
+        print(f"<- {trained['artifact']['kind']} {trained['artifact']['id']}: {metrics['steps']} steps, train loss "
+              f"{metrics['train_loss']:.3f}, validation loss {metrics['val_loss']:.3f}, {metrics['tokens_per_s']:.0f} tokens/s")
+        print(f"   loss curve: {trained['files']['loss_curve_png']}")
+
+        question = {"model": args.model, "messages": [{"role": "user", "content": "What is a good way to start the morning?"}],
+                    "max_tokens": 40, "temperature": 0}
+        for label, extra in (("base", {}), ("with the adapter", {"adapters": [{"adapter": trained["artifact"]["id"]}]})):
+            show(f"generate, {label}", {"method": "generate", "params": {**question, **extra}})
+            answer = sidecar.request("generate", {**question, **extra, "stream": False})
+            print(f"<- {json.dumps(answer['text'])}")
 
         models = call("models/list")["models"]
         for model in models:
