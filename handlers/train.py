@@ -92,11 +92,6 @@ def _check(p: dict[str, Any]) -> None:
         raise RpcError.invalid_params("params.early_stopping_patience", "needs eval_every (early stopping watches the validation loss)")
 
 
-def _dataset(arg: Any) -> dict[str, Any]:
-    return {"path": arg, "format": "auto", "file_type": "auto", "columns": {}} if isinstance(arg, str) else {
-        "format": "auto", "file_type": "auto", "columns": {}, **arg}
-
-
 class _Reporter:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -150,24 +145,18 @@ class _Data:
 
 
 def _load_data(p: dict[str, Any], ctx: Context, model_path: Path, checkpoint_state: dict[str, Any] | None) -> _Data:
-    from transformers import AutoTokenizer
-
-    from runtimes.sft_data import load_dataset, split_examples
-    from runtimes.sft_tokenize import end_of_turn_id, tokenize_examples
+    from handlers.datasets import open_dataset
+    from runtimes.sft_data import split_examples
+    from runtimes.sft_tokenize import end_of_turn_id, load_tokenizer, stop_token_ids, tokenize_examples
     from runtimes.trainer import TrainData
 
-    paths = ctx.services.paths
     loaded = {}
     for role in ("data", "validation"):
-        if p[role] is None:
-            continue
-        spec = _dataset(p[role])
-        path = paths.check(Path(spec["path"]).expanduser())
-        ctx.progress("data", 0, 1, f"reading {path.name}")
-        dataset = load_dataset(path, format=spec["format"], file_type=spec["file_type"], columns=spec["columns"] or None,
-                               strict=bool(p["strict"]))
-        _report_problems(ctx, role, dataset.path, dataset.problems)
-        loaded[role] = dataset
+        if p[role] is not None:
+            ctx.progress("data", 0, 1, f"reading the {role} file")
+            dataset = open_dataset(msgspec.convert(p[role], m.DatasetArg), ctx, strict=bool(p["strict"]), field=f"params.{role}")
+            _report_problems(ctx, role, dataset.path, dataset.problems)
+            loaded[role] = dataset
     hashes = {role: dataset.sha256 for role, dataset in loaded.items()}
     if checkpoint_state and checkpoint_state.get("datasets") and checkpoint_state["datasets"] != hashes:
         raise RpcError.failed("dataset_invalid", "the data changed since the checkpoint was written (its sha256 differs); "
@@ -180,21 +169,31 @@ def _load_data(p: dict[str, Any], ctx: Context, model_path: Path, checkpoint_sta
             train_examples, val_examples = split_examples(train_examples, p["validation_split"], p["seed"])
         else:
             ctx.log("info", f"{len(train_examples)} examples are too few to hold some out for validation; training on all of them")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=bool((p.get("options") or {}).get("trust_remote_code")))
-    ctx.progress("tokenize", 0, 1, f"tokenizing {len(train_examples) + len(val_examples)} examples")
-    kwargs = {"chat_template": p["chat_template"], "loss_on": p["loss_on"], "max_seq_length": p["max_seq_length"]}
-    train_tokens, train_problems = tokenize_examples(train_examples, tokenizer, **kwargs)
-    val_tokens, val_problems = tokenize_examples(val_examples, tokenizer, **kwargs)
-    for role, problems in (("data", train_problems), ("validation", val_problems)):
+    tokenizer = load_tokenizer(model_path)
+    total = len(train_examples) + len(val_examples)
+    kwargs = {"chat_template": p["chat_template"], "loss_on": p["loss_on"], "max_seq_length": p["max_seq_length"],
+              "stop_ids": stop_token_ids(tokenizer, model_path)}
+    tokenized = {}
+    for role, examples, offset in (("data", train_examples, 0), ("validation", val_examples, len(train_examples))):
+        def on_progress(done: int, offset: int = offset) -> None:
+            ctx.progress("tokenize", offset + done, total, f"tokenized {offset + done}/{total}")
+            ctx.check_cancelled({"tokenized": offset + done})
+
+        tokens, problems = tokenize_examples(examples, tokenizer, on_progress=on_progress, **kwargs)
         if problems and p["strict"]:
-            raise RpcError.failed("dataset_invalid", f"{role}: {len(problems)} examples cannot be trained on: " +
-                                  "; ".join(f"row {x.row}: {x.reason}" for x in problems[:5]) + " (strict mode)",
+            raise RpcError.failed("dataset_invalid", f"{role}: {len(problems)} examples cannot be trained on (strict mode): " +
+                                  "; ".join(f"row {x.row}: {x.reason}" for x in problems[:5]),
                                   problems=[{"row": x.row, "reason": x.reason} for x in problems[:10]])
         _report_problems(ctx, role, None, problems)
-    if not train_tokens:
+        fallbacks = [t.row for t in tokens if getattr(t, "fallback", False)]
+        if fallbacks:
+            ctx.log("warning", f"{role}: the chat template cannot be split turn by turn for {len(fallbacks)} conversations; "
+                               "only their last assistant answer is trained", {"rows": fallbacks[:100]})
+        tokenized[role] = tokens
+    if not tokenized["data"]:
         raise RpcError.failed("dataset_invalid", "no example of the data can be trained on (see the $/log lines for why)")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(tokenizer)
-    return _Data(TrainData(train_tokens, val_tokens, pad_id), hashes, tokenizer)
+    return _Data(TrainData(tokenized["data"], tokenized["validation"], pad_id), hashes, tokenizer)
 
 
 def _report_problems(ctx: Context, role: str, path: Path | None, problems: list[Any]) -> None:
@@ -254,7 +253,7 @@ def _write_reports(run_dir: Path, outcome: Any, p: dict[str, Any]) -> m.TrainFil
     from runtimes.train_report import plot_loss, write_metrics
 
     csv_path, json_path = write_metrics(run_dir, outcome.history, {**outcome.metrics, "stopped": outcome.stopped})
-    png = plot_loss(run_dir, outcome.history, f"{p['method']} on {Path(str(_dataset(p['data'])['path'])).name} ({p['model']})")
+    png = plot_loss(run_dir, outcome.history, f"{p['method']} on {Path(p['data'] if isinstance(p['data'], str) else p['data']['path']).name} ({p['model']})")
     return m.TrainFiles(run_dir=str(run_dir), metrics_csv=str(csv_path), metrics_json=str(json_path),
                         loss_curve_png=str(png) if png else None)
 
