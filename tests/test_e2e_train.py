@@ -160,3 +160,14 @@ def test_bad_train_requests_fail_clearly_and_the_sidecar_keeps_serving(sidecar: 
     not_a_checkpoint = error({"resume_from": str(tmp_path)})
     assert not_a_checkpoint["data"]["kind"] == "checkpoint_invalid"
     assert sidecar.call("ping")["result"] == {}
+
+
+def test_padded_batches_a_validation_file_and_early_stopping(sidecar: Any, data: Path, tmp_path: Path) -> None:
+    """A learning rate far too high makes the validation loss climb: patience 1 stops at the second evaluation."""
+    validation = write_jsonl(tmp_path / "val.jsonl", chat_rows(8, seed=1))
+    result = sidecar.call("train", train_params(data, validation=str(validation), packing=False, learning_rate=0.5,
+                                                lora_dropout=0.0, eval_every=2, early_stopping_patience=1, max_steps=40))["result"]
+    assert result["stopped"] == "early_stopping" and result["metrics"]["steps"] < 40
+    evaluated = [row["val_loss"] for row in history(result) if row["val_loss"] is not None]
+    assert len(evaluated) >= 2 and evaluated[-1] >= min(evaluated[:-1])
+    assert result["metrics"]["best_val_loss"] == min(evaluated)
