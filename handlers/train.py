@@ -40,12 +40,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # What a resumed run may change: none of it alters the trajectory up to the checkpoint.
+# (Not the number of processes: it changes how an epoch is cut into micro-batches.)
 RESUMABLE_CHANGES = {"max_steps", "epochs", "eval_every", "early_stopping_patience", "checkpoint_every", "output", "name",
-                     "resume_from", "preset", "strict", "distributed"}
+                     "resume_from", "strict"}
 
 
 def resolve_params(params: m.TrainParams, checkpoint_params: dict[str, Any] | None) -> dict[str, Any]:
     explicit = msgspec.to_builtins(params)
+    if "distributed" in explicit:
+        explicit["distributed"] = {**DEFAULTS["distributed"], **explicit["distributed"]}
     resolved = dict(DEFAULTS)
     preset = explicit.get("preset", (checkpoint_params or {}).get("preset"))
     if preset:
@@ -120,6 +123,7 @@ def train(params: m.TrainParams, ctx: Context) -> m.TrainResult:
     p = resolve_params(params, checkpoint_state["params"] if checkpoint_state else None)
     p["resume_from"] = str(checkpoint) if checkpoint else None
 
+    _output_path(services, p, ctx)  # refuse a taken output before spending minutes on training
     ctx.progress("resolve", 0, 1, f"resolving {p['model']}")
     model = services.models.resolve(p["model"], lambda step, total, message: ctx.progress("resolve", step, total, message))
     data = _load_data(p, ctx, model.path, checkpoint_state)
@@ -258,10 +262,18 @@ def _write_reports(run_dir: Path, outcome: Any, p: dict[str, Any]) -> m.TrainFil
                         loss_curve_png=str(png) if png else None)
 
 
-def _register(services: Any, ctx: Context, p: dict[str, Any], model: Any, outcome: Any, data: _Data, run_id: str) -> m.Artifact:
+def _output_path(services: Any, p: dict[str, Any], ctx: Context) -> tuple[str, str, Path]:
     kind = "model" if p["method"] == "full" else "adapter"
-    name = p["name"] or f"{kind}-{run_id}"
+    name = p["name"] or f"{kind}-{getattr(ctx, 'run_id', None) or int(time.time())}"
     dest = services.paths.check(Path(p["output"]).expanduser()) if p["output"] else services.config.home / "artifacts" / f"{kind}s" / name
+    if dest.exists():
+        raise RpcError.failed("artifact_exists", f"{dest} already exists; choose another output (or name), or remove it first",
+                              path=str(dest))
+    return kind, name, dest
+
+
+def _register(services: Any, ctx: Context, p: dict[str, Any], model: Any, outcome: Any, data: _Data, run_id: str) -> m.Artifact:
+    kind, name, dest = _output_path(services, p, ctx)
     parents = [model.artifact_id] if getattr(model, "artifact_id", None) else []
     ctx.progress("save", 0, 1, f"writing the {kind} to {dest}")
     with services.registry.write_artifact(kind, dest, name=name, params=p, parents=parents, run_id=run_id) as pending:

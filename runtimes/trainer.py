@@ -394,10 +394,11 @@ class _Loop:
                 if not last and self.world_size == 1 and self.cancel_requested():
                     cancelled = True
                     break
-            self.train_s += time.monotonic() - step_started
             if cancelled:
+                self.train_s += time.monotonic() - step_started
                 break
             grad_norm = self.optimizer_step()
+            self.train_s += time.monotonic() - step_started
             totals = self.all_sum([loss_sum, float(tokens), float(trained)])
             self.tokens += int(totals[1])
             self.trained_tokens += int(totals[2])

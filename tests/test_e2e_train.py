@@ -84,7 +84,7 @@ def test_quick_training_reports_progress_and_registers_an_adapter_that_generate_
 
 def train_params(data: Path, **extra: Any) -> dict[str, Any]:
     return {"model": "builtin:tiny", "data": str(data), "method": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.1,
-            "batch_size": 2, "gradient_accumulation": 2, "learning_rate": 1e-3, "max_steps": 100, "eval_every": 25, **extra}
+            "batch_size": 2, "gradient_accumulation": 2, "learning_rate": 1e-3, "max_steps": 60, "eval_every": 20, **extra}
 
 
 def test_a_cancelled_run_resumes_to_the_same_adapter_bit_for_bit(sidecar: Any, data: Path, tmp_path: Path) -> None:
@@ -99,17 +99,18 @@ def test_a_cancelled_run_resumes_to_the_same_adapter_bit_for_bit(sidecar: Any, d
     error = sidecar.wait_response(request_id)["error"]
     assert error["code"] == -32800, error
     checkpoint = error["data"]["partial"]["checkpoint"]
-    assert Path(checkpoint, "state.json").is_file() and 10 <= error["data"]["partial"]["step"] < 100
+    assert Path(checkpoint, "state.json").is_file() and 10 <= error["data"]["partial"]["step"] < 60
     assert not (tmp_path / "interrupted").exists()  # nothing half-written is visible
 
     resumed = sidecar.call("train", {"resume_from": checkpoint, "output": str(tmp_path / "resumed")})["result"]
-    assert resumed["metrics"]["steps"] == 100
+    assert resumed["metrics"]["steps"] == 60
     a, b = tensors(whole["artifact"]["path"]), tensors(resumed["artifact"]["path"])
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)  # bit-identical
     assert [row["loss"] for row in history(whole)] == [row["loss"] for row in history(resumed)]
 
-    refused = sidecar.call("train", {"resume_from": checkpoint, "learning_rate": 0.5})["error"]
-    assert refused["code"] == -32602 and refused["data"]["field"] == "params.learning_rate"
+    for change, field in (({"learning_rate": 0.5}, "params.learning_rate"), ({"distributed": {"processes": 2}}, "params.distributed")):
+        refused = sidecar.call("train", {"resume_from": checkpoint, **change})["error"]
+        assert refused["code"] == -32602 and refused["data"]["field"] == field
 
 
 def test_two_processes_match_one_with_the_same_global_batch(sidecar: Any, data: Path) -> None:
@@ -157,6 +158,8 @@ def test_bad_train_requests_fail_clearly_and_the_sidecar_keeps_serving(sidecar: 
     assert zero["code"] == -32602 and zero["data"]["field"] == "params.batch_size"
     unknown = error(train_params(data, rank=4))
     assert unknown["code"] == -32602 and "rank" in unknown["data"]["field"]
+    taken = error(train_params(data, output=str(tmp_path)))
+    assert taken["data"]["kind"] == "artifact_exists" and str(tmp_path) in taken["message"]
     not_a_checkpoint = error({"resume_from": str(tmp_path)})
     assert not_a_checkpoint["data"]["kind"] == "checkpoint_invalid"
     assert sidecar.call("ping")["result"] == {}
