@@ -59,6 +59,7 @@ import platform
 import random
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -736,6 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.baseline_worker:
         return baseline_worker(args.baseline_worker)
+    # SIGTERM unwinds like Ctrl-C: the baseline process is killed, the sidecar closed and the work directory removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     config = {
         "runs": args.runs or (1 if args.quick else 3), "examples": args.examples or (200 if args.quick else 2000),
@@ -850,6 +853,11 @@ def main(argv: list[str] | None = None) -> int:
     if results["ours"]["status"] not in ("ok", "not run"):
         print(f"OURS: {results['ours']['status'].upper()}: {results['ours']['reason']}")
     print_table(rows)
+    loads = {side: results[side]["summary"].get("median_foreign_cpus") for side in ("ours", "baseline")}
+    if all(v is not None for v in loads.values()) and (max(loads.values()) > 0.2):
+        print(f"Note: other processes used {loads['ours']:.2f} CPUs during our runs and {loads['baseline']:.2f} during the "
+              "baseline's (median): on a small machine that slows OpenMP far more than its share, so the tokens/s ratio is "
+              "unreliable; rerun on a quiet machine.")
     if not (results["ours"]["runs"] and results["baseline"]["runs"]):
         print("No target was judged: " + ("only the baseline ran." if results["baseline"]["runs"] else
                                           "only ours ran." if results["ours"]["runs"] else "nothing ran."))
