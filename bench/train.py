@@ -775,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mlsidecar-bench-train-"))
     env = dict(os.environ)
     env["MLSIDECAR_HOME"] = str(workdir / "home")
-    env[("MLSIDECAR_ALLOWED_ROOTS")] = os.pathsep.join([str(cache_dir), str(workdir)])
+    env["MLSIDECAR_ALLOWED_ROOTS"] = os.pathsep.join([str(cache_dir), str(workdir)])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env.pop("MLSIDECAR_LOG_LEVEL", None)
     stderr_path = workdir / "sidecar-stderr.log"
@@ -811,14 +811,18 @@ def main(argv: list[str] | None = None) -> int:
                             "seed": config["seed"], "threads": args.threads, "gradient_checkpointing": config["gradient_checkpointing"],
                             "output": str(workdir / f"baseline-{run + 1}")}
                     record = run_baseline(spec, workdir, f"baseline-{run + 1}")
-                scored = evaluator.loss(record["adapter"])
-                record["val_loss"] = scored["val_loss"]
-                record["val_tokens"] = scored["tokens"]
+                try:
+                    scored = evaluator.loss(record["adapter"])
+                    record["val_loss"], record["val_tokens"] = scored["val_loss"], scored["tokens"]
+                except Exception as exc:  # noqa: BLE001 - an adapter the evaluator cannot read is a result, not a crash
+                    record["val_loss"], record["val_error"] = None, f"{type(exc).__name__}: {exc}"
+                    _log(f"[{label}] the evaluator could not score the adapter at {record['adapter']}: {record['val_error']}")
                 results[side]["runs"].append(record)
                 own = record.get("own_val_loss")
+                scored_loss = record["val_loss"]
                 _log(f"[{label}] {record['tokens']:,} real tokens in {record['train_s']:.1f} s = {record['tokens_per_s']:.1f} tok/s; "
-                     f"peak RSS {record['peak_rss_bytes'] / 2 ** 20:,.0f} MiB; val loss {record['val_loss']:.4f} (evaluator), "
-                     f"{own if own is None else round(own, 4)} (own)"
+                     f"peak RSS {record['peak_rss_bytes'] / 2 ** 20:,.0f} MiB; val loss "
+                     f"{scored_loss if scored_loss is None else round(scored_loss, 4)} (evaluator), {own if own is None else round(own, 4)} (own)"
                      + (f"; padding {record['padding_fraction'] * 100:.1f}%" if "padding_fraction" in record else ""))
     finally:
         if sidecar is not None:
