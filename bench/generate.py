@@ -63,7 +63,6 @@ import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,7 +74,7 @@ RESULTS = ROOT / "bench" / "results" / "generate.json"
 CACHE = ROOT / "bench" / "results" / "generate-cache"
 sys.path.insert(0, str(ROOT))
 
-from bench.report import fmt, print_aligned, verdict  # noqa: E402
+from bench.report import fmt, git_commit, print_aligned, verdict  # noqa: E402
 from protocol.version import PROTOCOL_VERSION  # noqa: E402
 from sidecar.client import SidecarError, SidecarProcess  # noqa: E402
 
@@ -809,11 +808,7 @@ def environment() -> dict[str, Any]:
         info["loadavg"] = os.getloadavg()
     except OSError:
         pass
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                            timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
+    info["git_commit"] = git_commit(ROOT)
     return info
 
 

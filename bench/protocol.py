@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "protocol.json"
 sys.path.insert(0, str(ROOT))
 
-from bench.report import fmt, print_aligned, verdict  # noqa: E402
+from bench.report import fmt, git_commit, print_aligned, verdict  # noqa: E402
 from protocol.version import PROTOCOL_VERSION  # noqa: E402
 
 try:
@@ -489,11 +489,7 @@ def environment() -> dict[str, Any]:
             info[f"{package}_version"] = version(package)
         except Exception:  # noqa: BLE001
             info[f"{package}_version"] = None
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                            timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
+    info["git_commit"] = git_commit(ROOT)
     return info
 
 

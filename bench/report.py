@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -42,3 +44,11 @@ def print_aligned(header: Sequence[str], cells: list[Sequence[str]], rows: list[
         print(f"FAIL: {len(failed)} target(s) missed: " + "; ".join(failed))
     else:
         print("All targets met.")
+
+
+def git_commit(root: Path) -> str | None:
+    """The commit a benchmark ran on, for its JSON; None outside a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

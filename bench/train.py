@@ -79,7 +79,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.generate import CACHE as GENERATE_CACHE  # noqa: E402
 from bench.generate import build_assets  # noqa: E402
-from bench.report import fmt, print_aligned, verdict  # noqa: E402
+from bench.report import fmt, git_commit, print_aligned, verdict  # noqa: E402
 from protocol.version import PROTOCOL_VERSION  # noqa: E402
 from runtimes.tiny import CHAT_TEMPLATE  # noqa: E402 - the same ChatML template as builtin:tiny
 from sidecar.client import SidecarError, SidecarProcess  # noqa: E402
@@ -700,11 +700,7 @@ def environment(threads: int) -> dict[str, Any]:
         info["loadavg"] = os.getloadavg()
     except OSError:
         pass
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                            timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
+    info["git_commit"] = git_commit(ROOT)
     return info
 
 

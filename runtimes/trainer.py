@@ -291,6 +291,7 @@ class _Loop:
         self.best_val: float | None = None
         self.evals_without_gain = 0
         self.last_val: float | None = None
+        self.steps_this_session = 0  # for the ETA: steps timed since this process started
 
     # ----- data
 
@@ -480,8 +481,8 @@ class _Loop:
                "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "tokens": self.tokens,
                "tokens_per_s": round(tokens_per_s, 2), "elapsed_s": round(self.train_s, 3), "val_loss": None}
         self.history.append(row)
-        self._steps_this_session = getattr(self, "_steps_this_session", 0) + 1
-        eta = (time.monotonic() - started) / self._steps_this_session * (self.total_steps - step)
+        self.steps_this_session += 1
+        eta = (time.monotonic() - started) / self.steps_this_session * (self.total_steps - step)
         metrics = {"loss": round(loss, 5), "lr": row["lr"], "epoch": row["epoch"], "tokens_per_s": row["tokens_per_s"],
                    "eta_s": round(eta, 1), "peak_rss_bytes": float(peak_rss_bytes())}
         if grad_norm is not None:
@@ -533,7 +534,7 @@ class _Loop:
         try:
             with torch.no_grad():
                 for shards in plan_eval(lengths, budget, self.world_size):
-                    batch = collate(examples, shards[self.rank], True if self.config.packing else False, self.data.pad_id)
+                    batch = collate(examples, shards[self.rank], self.config.packing, self.data.pad_id)
                     if batch.tokens == 0:
                         continue
                     total += float(causal_lm_loss_sum(self.model, batch.input_ids.to(self.device), batch.position_ids.to(self.device),
