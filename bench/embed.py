@@ -1,4 +1,4 @@
-"""Embedding benchmark: runtimes.embeddings.embed_texts against sentence-transformers' encode, in one run.
+"""Embedding benchmark: runtimes.hf.embeddings.embed_texts against sentence-transformers' encode, in one run.
 
     python bench/embed.py              # default: 2,000 sentences, 5 runs each (a few minutes on 2 cores)
     python bench/embed.py --quick      # smoke run: 300 sentences, 2 runs
@@ -143,7 +143,7 @@ def main() -> int:
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel, AutoTokenizer
 
-    from runtimes import embeddings
+    from runtimes.hf import embeddings
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -11,7 +11,7 @@ The model: a Llama-architecture causal LM with SmolLM2-135M's dimensions (hidden
 random weights, saved as a Hugging Face directory (float32 safetensors) with a byte-level BPE tokenizer
 trained to the full 49152 tokens (on runtimes/data/tiny_corpus.txt plus seeded made-up words, so every id
 the model can pick decodes to text), and converted to GGUF (f32; --gguf f16/both) with our own
-runtimes.gguf_export.convert_to_gguf. Built once into bench/results/generate-cache/ (git-ignored), reused.
+runtimes.gguf.export.convert_to_gguf. Built once into bench/results/generate-cache/ (git-ignored), reused.
 
 What it measures (medians over several runs; every run uses a fresh 128-token prompt, the same one for all
 sides, so no side reuses a KV-cache prefix; the sides' runs are interleaved, the order alternating, so a
@@ -195,7 +195,7 @@ def _save_model(out_dir: Path) -> int:
 
 def build_assets(cache_dir: Path, gguf_dtypes: list[str], rebuild: bool) -> dict[str, Any]:
     """The HF directory and the GGUF files, built once (atomically) and reused."""
-    from runtimes.gguf_export import convert_to_gguf
+    from runtimes.gguf.export import convert_to_gguf
 
     base = cache_dir / BUILD_VERSION
     hf_dir = base / "hf"
@@ -226,7 +226,7 @@ def build_assets(cache_dir: Path, gguf_dtypes: list[str], rebuild: bool) -> dict
     for dtype in gguf_dtypes:
         path = base / f"model-{dtype}.gguf"
         if not path.exists():
-            _log(f"converting to GGUF {dtype} with runtimes.gguf_export.convert_to_gguf ...")
+            _log(f"converting to GGUF {dtype} with runtimes.gguf.export.convert_to_gguf ...")
             partial = path.with_suffix(".gguf.partial")
             stats = convert_to_gguf(hf_dir, partial, dtype=dtype)
             partial.rename(path)

@@ -14,7 +14,7 @@ from typing import Any
 from handlers.context import Context
 from protocol import messages as m
 from protocol.errors import RpcError
-from runtimes.sft_data import KNOWN_FIELDS, DatasetInvalid, Example, LoadedDataset, Problem, load_dataset
+from runtimes.train.sft_data import KNOWN_FIELDS, DatasetInvalid, Example, LoadedDataset, Problem, load_dataset
 
 LISTED_PROBLEMS = 100
 
@@ -80,7 +80,7 @@ def inspect(params: m.DatasetsInspectParams, ctx: Context) -> m.DatasetsInspectR
 def _tokenize(params: m.DatasetsInspectParams, ctx: Context,
               loaded: LoadedDataset) -> tuple[list[Any], dict[str, Any], list[Problem], list[m.DatasetSample]]:
     """Tokenize with the model's tokenizer only (no weights), as a training run would."""
-    from runtimes.sft_tokenize import load_tokenizer, render_example, stop_token_ids, token_stats, tokenize_examples
+    from runtimes.train.sft_tokenize import load_tokenizer, render_example, stop_token_ids, token_stats, tokenize_examples
 
     resolved = ctx.services.models.resolve(params.model, lambda step, total, message: ctx.progress("resolve", step, total, message))
     ctx.check_cancelled({"rows": loaded.rows})

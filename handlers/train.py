@@ -111,7 +111,7 @@ class _Reporter:
 
 
 def train(params: m.TrainParams, ctx: Context) -> m.TrainResult:
-    from runtimes.train_checkpoint import read_state
+    from runtimes.train.checkpoint import read_state
 
     services = ctx.services
     checkpoint: Path | None = None
@@ -150,9 +150,9 @@ class _Data:
 
 def _load_data(p: dict[str, Any], ctx: Context, model_path: Path, checkpoint_state: dict[str, Any] | None) -> _Data:
     from handlers.datasets import open_dataset
-    from runtimes.sft_data import split_examples
-    from runtimes.sft_tokenize import end_of_turn_id, load_tokenizer, stop_token_ids, tokenize_examples
-    from runtimes.trainer import TrainData
+    from runtimes.train.sft_data import split_examples
+    from runtimes.train.sft_tokenize import end_of_turn_id, load_tokenizer, stop_token_ids, tokenize_examples
+    from runtimes.train.trainer import TrainData
 
     loaded = {}
     for role in ("data", "validation"):
@@ -212,7 +212,7 @@ def _report_problems(ctx: Context, role: str, path: Path | None, problems: list[
 
 def _run(model_path: Path, p: dict[str, Any], data: Any, ctx: Context, run_dir: Path, checkpoint: Path | None,
          state_extra: dict[str, Any]) -> Any:
-    from runtimes.trainer import TrainConfig, run_training
+    from runtimes.train.trainer import TrainConfig, run_training
 
     config = TrainConfig.from_params({**p, **(p.get("options") or {})})
     world_size = int(p["distributed"]["processes"])
@@ -228,9 +228,9 @@ def _run_distributed(model_path: Path, config: Any, data: Any, reporter: _Report
                      state_extra: dict[str, Any], world_size: int, backend: str) -> Any:
     import torch.distributed as dist
 
-    from runtimes import train_distributed as ddp
-    from runtimes.transformers_lm import pick_device
-    from runtimes.trainer import run_training
+    from runtimes.train import distributed as ddp
+    from runtimes.hf.lm import pick_device
+    from runtimes.train.trainer import run_training
 
     backend = ddp.pick_backend(backend, pick_device(config.device))
     port = ddp.free_port()
@@ -254,7 +254,7 @@ def _run_distributed(model_path: Path, config: Any, data: Any, reporter: _Report
 
 
 def _write_reports(run_dir: Path, outcome: Any, p: dict[str, Any]) -> m.TrainFiles:
-    from runtimes.train_report import plot_loss, write_metrics
+    from runtimes.train.report import plot_loss, write_metrics
 
     csv_path, json_path = write_metrics(run_dir, outcome.history, {**outcome.metrics, "stopped": outcome.stopped})
     png = plot_loss(run_dir, outcome.history, f"{p['method']} on {Path(p['data'] if isinstance(p['data'], str) else p['data']['path']).name} ({p['model']})")
@@ -278,7 +278,7 @@ def _register(services: Any, ctx: Context, p: dict[str, Any], model: Any, outcom
     ctx.progress("save", 0, 1, f"writing the {kind} to {dest}")
     with services.registry.write_artifact(kind, dest, name=name, params=p, parents=parents, run_id=run_id) as pending:
         if kind == "model":
-            from runtimes.trainer import _base_model
+            from runtimes.train.trainer import _base_model
 
             _base_model(outcome.model).save_pretrained(str(pending.path), safe_serialization=True)
             data.tokenizer.save_pretrained(str(pending.path))

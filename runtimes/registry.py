@@ -8,8 +8,8 @@ from pathlib import Path
 from runtimes.base import Runtime, UnsupportedModel
 
 _RUNTIMES = {
-    "transformers": "runtimes.transformers_lm:TransformersRuntime",
-    "llama.cpp": "runtimes.llama_cpp_lm:LlamaCppRuntime",
+    "transformers": "runtimes.hf.lm:TransformersRuntime",
+    "llama.cpp": "runtimes.llama_cpp.lm:LlamaCppRuntime",
 }
 
 

@@ -88,7 +88,7 @@ def test_results_over_the_message_limit_go_to_a_file(spawn, minilm, shared_home)
 
 
 def test_decoder_embeddings_on_both_runtimes_agree(spawn, tiny_path):
-    from runtimes.gguf_export import convert_to_gguf
+    from runtimes.gguf.export import convert_to_gguf
 
     gguf = tiny_path.parent / "tiny-f32-embed.gguf"
     if not gguf.exists():

@@ -12,7 +12,7 @@ PROMPTS = ["Once upon a time, a clever fox", "The tortoise did not stop.", "In t
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_path: Path) -> Path:
-    from runtimes.gguf_export import convert_to_gguf
+    from runtimes.gguf.export import convert_to_gguf
 
     path = tiny_path.parent / "tiny-f32.gguf"
     if not path.exists():
@@ -73,7 +73,7 @@ def test_a_gguf_lora_adapter_on_llama_cpp_matches_the_peft_adapter_on_transforme
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from runtimes.gguf_lora import convert_lora_to_gguf
+    from runtimes.gguf.lora import convert_lora_to_gguf
 
     adapter_dir = tiny_path.parent / "adapter-llama-parity"
     adapter_gguf = tiny_path.parent / "adapter-llama-parity.gguf"

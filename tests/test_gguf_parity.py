@@ -1,4 +1,4 @@
-"""Our GGUF writer (runtimes/gguf_export.py) judged by llama.cpp itself.
+"""Our GGUF writer (runtimes/gguf/export.py) judged by llama.cpp itself.
 
 A GGUF can load and still answer wrong (a missed Q/K permutation, a pre-tokenizer whose regex
 splits differently, a bos flag llama.cpp defaults the other way). So every check here runs the
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from runtimes.base import UnsupportedModel
-from runtimes.gguf_export import convert_to_gguf
+from runtimes.gguf.export import convert_to_gguf
 from runtimes.tiny import CORPUS_PATH, build_tiny_model
 
 GGML_TYPE_F32 = 0  # for type_k / type_v: an exact (float32) KV cache
@@ -385,7 +385,7 @@ def test_byte_level_pre_tokenizers(tmp_path: Path, flavour: str) -> None:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from runtimes.gguf_export import _LLAMA3_REGEX, _QWEN2_REGEX
+    from runtimes.gguf.export import _LLAMA3_REGEX, _QWEN2_REGEX
 
     gpt2_regex_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     plain_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runtimes.sft_data import DatasetInvalid, Example, Problem, load_dataset, split_examples
+from runtimes.train.sft_data import DatasetInvalid, Example, Problem, load_dataset, split_examples
 
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 DEMO = Path(__file__).resolve().parents[1] / "runtimes" / "data" / "demo_chat.jsonl"

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from runtimes.sft_data import Example, Problem
-from runtimes.sft_tokenize import (
+from runtimes.train.sft_data import Example, Problem
+from runtimes.train.sft_tokenize import (
     NoChatTemplate,
     TokenizedExample,
     end_of_turn_id,
@@ -21,7 +21,7 @@ from runtimes.sft_tokenize import (
     tokenize_examples,
 )
 from runtimes.tiny import CHAT_TEMPLATE
-from runtimes.transformers_lm import TransformersModel
+from runtimes.hf.lm import TransformersModel
 
 TWO_TURNS = [
     {"role": "system", "content": "Be kind."},

@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtimes.chunked_loss import linear_cross_entropy_sum
-from runtimes.train_batches import PlanOptions, collate, count_targets, plan_epoch
-from runtimes.train_checkpoint import CheckpointInvalid, load_checkpoint, read_state, save_checkpoint
-from runtimes.train_report import COLUMNS, plot_loss, write_metrics
-from runtimes.trainer import TrainConfig, causal_lm_loss_sum, lr_at
+from runtimes.train.chunked_loss import linear_cross_entropy_sum
+from runtimes.train.batches import PlanOptions, collate, count_targets, plan_epoch
+from runtimes.train.checkpoint import CheckpointInvalid, load_checkpoint, read_state, save_checkpoint
+from runtimes.train.report import COLUMNS, plot_loss, write_metrics
+from runtimes.train.trainer import TrainConfig, causal_lm_loss_sum, lr_at
 
 
 @dataclass
@@ -365,7 +365,7 @@ def _set_attn(model, name: str) -> None:
 
 
 def test_packed_attention_matches_each_example_alone(llama) -> None:
-    from runtimes.packed_attention import PACKED_ATTENTION, register
+    from runtimes.train.packed_attention import PACKED_ATTENTION, register
 
     assert register() == PACKED_ATTENTION
     assert register() == PACKED_ATTENTION  # idempotent
@@ -402,7 +402,7 @@ def test_packed_attention_matches_each_example_alone(llama) -> None:
 
 
 def test_packed_attention_without_segments_is_plain_causal(llama) -> None:
-    from runtimes.packed_attention import PACKED_ATTENTION, register
+    from runtimes.train.packed_attention import PACKED_ATTENTION, register
 
     register()
     ids = torch.tensor([SEQS[2]])
@@ -445,7 +445,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_causal_lm_loss_sum_matches_the_stock_model(llama, packing: bool) -> None:
-    from runtimes.packed_attention import PACKED_ATTENTION, register
+    from runtimes.train.packed_attention import PACKED_ATTENTION, register
 
     register()
     indices = [0, 1, 2]

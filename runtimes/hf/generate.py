@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from runtimes.text import Sampling
-from runtimes.torch_sampling import choose_token
+from runtimes.hf.sampling import choose_token
 
 
 def stream_token_ids(model: Any, prompt_ids: list[int], sampling: Sampling, max_tokens: int, device: str,

@@ -5,7 +5,7 @@ to know where it stopped. Micro-batches hold a fixed number of examples (`batch_
 per optimizer step are what the user asked for) or as many as fit a token budget
 (`batch_tokens`, packing short examples into full sequences). Either way a packed micro-batch
 is one flat row with position ids restarting per example and attention confined to each example
-(runtimes/packed_attention.py), so no compute is spent on padding. Unpacked micro-batches are
+(runtimes/train/packed_attention.py), so no compute is spent on padding. Unpacked micro-batches are
 grouped by length and padded to the longest.
 """
 

@@ -84,8 +84,8 @@ class TransformersModel:
 
     def stream(self, prompt_ids: list[int], sampling: Any, max_tokens: int, adapters: list[tuple[Path, float]],
                cancelled: Any) -> Any:
-        from runtimes.adapters import AdapterManager
-        from runtimes.transformers_generate import stream_token_ids
+        from runtimes.hf.adapters import AdapterManager
+        from runtimes.hf.generate import stream_token_ids
 
         if adapters and self._adapters is None:
             self._adapters = AdapterManager(self.model)
@@ -99,7 +99,7 @@ class TransformersModel:
     def embed(self, texts: list[str], *, pooling: str | None, normalize: bool, truncate: bool, batch_size: int,
               cancelled: Any) -> tuple[Any, int, str]:
         """(float32 vectors, real tokens, pooling used); pooling defaults to the model's own configuration."""
-        from runtimes.embeddings import EmptyInput, InputTooLong, default_pooling, embed_texts
+        from runtimes.hf.embeddings import EmptyInput, InputTooLong, default_pooling, embed_texts
 
         chosen = pooling or default_pooling(self.path, self.is_causal_lm)
         try:

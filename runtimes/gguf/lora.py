@@ -1,6 +1,6 @@
 """PEFT LoRA adapter -> GGUF LoRA adapter that llama.cpp applies, unmerged, to the base model's GGUF.
 
-The GGUF of the base comes from runtimes/gguf_export.py; this writes the adapter beside it, so a
+The GGUF of the base comes from runtimes/gguf/export.py; this writes the adapter beside it, so a
 host can ship one base GGUF and many small adapters (llama.cpp's `--lora`, llama-cpp-python's
 `Llama(lora_path=..., lora_scale=...)`). llama.cpp's own convert_lora_to_gguf.py is, like its
 model converter, a script inside its source tree; this is our narrow piece instead, sharing the
@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from runtimes.base import UnsupportedModel
-from runtimes.gguf_export import (
+from runtimes.gguf.export import (
     _FILE_TYPES,
     _architecture,
     _count,

@@ -2,7 +2,7 @@
 
 A fine-tuned model is only as good as the match between what it was trained on and what it is
 later asked: a chat must be rendered with the same template and tokenized the same way as
-`generate` does (runtimes/transformers_lm.py: the rendered chat is encoded with
+`generate` does (runtimes/hf/lm.py: the rendered chat is encoded with
 add_special_tokens=False, a plain prompt with add_special_tokens=True), or the model learns to
 answer prompts it will never see. So the prompt side of every example is encoded the way
 generation encodes it, and only the answer side is trained ("completions" loss), unless asked
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from runtimes.base import UnsupportedModel
-from runtimes.sft_data import Example, Problem
+from runtimes.train.sft_data import Example, Problem
 
 LOSS_ON = ("auto", "completions", "all")
 PROGRESS_EVERY = 100

@@ -2,7 +2,7 @@
 
 Why it is faster than a stock Trainer on the same data: packed micro-batches (no padding, and
 attention confined to each example), logits computed only where a loss is taken, in chunks whose
-gradients are formed on the spot (runtimes/chunked_loss.py), and nothing else in the loop (no
+gradients are formed on the spot (runtimes/train/chunked_loss.py), and nothing else in the loop (no
 per-step dataloader machinery, no full-vocabulary logits of prompt tokens).
 
 Why a resumed run ends bit-identical to an uninterrupted one: the data order is a pure function of
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
-from runtimes.train_batches import PlanOptions, collate, count_targets, plan_epoch, plan_eval
+from runtimes.train.batches import PlanOptions, collate, count_targets, plan_epoch, plan_eval
 
 
 class UnsupportedDevice(Exception):
@@ -164,7 +164,7 @@ def causal_lm_loss_sum(model: Any, input_ids: Any, position_ids: Any, attention_
                        targets: Any) -> Any:
     import torch
 
-    from runtimes.chunked_loss import linear_cross_entropy_sum
+    from runtimes.train.chunked_loss import linear_cross_entropy_sum
 
     base = _base_model(model)
     extra = {"packed_segments": segments} if segments is not None else {}
@@ -192,8 +192,8 @@ def load_trainable_model(model_path: Path, config: TrainConfig, packed_attention
     import torch
     from transformers import AutoModelForCausalLM
 
-    from runtimes.packed_attention import register
-    from runtimes.transformers_lm import pick_device, pick_dtype
+    from runtimes.train.packed_attention import register
+    from runtimes.hf.lm import pick_device, pick_dtype
 
     device = pick_device(config.device)
     raw_config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
@@ -317,7 +317,7 @@ class _Loop:
     def resume(self, path: Path) -> None:
         import torch
 
-        from runtimes.train_checkpoint import load_checkpoint, read_state
+        from runtimes.train.checkpoint import load_checkpoint, read_state
 
         state = read_state(path)
         grads, rngs = load_checkpoint(path, named_trainable=self.named, optimizer=self.optimizer, param_names=self.param_names)
@@ -354,7 +354,7 @@ class _Loop:
         grads = {name: p.grad for name, p in self.named.items() if p.grad is not None} if self.cursor.micro_done else None
         suffix = f"-micro-{self.cursor.micro_done:03d}" if self.cursor.micro_done else ""
         dest = self.run_dir / "checkpoints" / f"step-{self.cursor.step:06d}{suffix}"
-        from runtimes.train_checkpoint import save_checkpoint
+        from runtimes.train.checkpoint import save_checkpoint
 
         path = str(dest)
         checkpoints = self.checkpoints + [path] if path not in self.checkpoints else list(self.checkpoints)

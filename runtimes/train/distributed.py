@@ -1,7 +1,7 @@
 """Data-parallel training across local processes: PyTorch DDP over gloo (CPU) or NCCL (GPUs).
 
 The worker running `train` is rank 0 and speaks for the run; it starts ranks 1..N-1 as
-`python -m runtimes.train_distributed SPEC RANK`, which set up the same process group torchrun
+`python -m runtimes.train.distributed SPEC RANK`, which set up the same process group torchrun
 would (env-style rendezvous on a local TCP port) and run the same loop silently. Ranks die with
 the worker (PR_SET_PDEATHSIG on Linux) and are killed when the run ends, however it ends.
 """
@@ -50,10 +50,10 @@ def _die_with_parent() -> None:
 
 def launch_ranks(spec: Path, world_size: int) -> list[subprocess.Popen]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the repository root, above runtimes/
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     return [
-        subprocess.Popen([sys.executable, "-m", "runtimes.train_distributed", str(spec), str(rank)], env=env,
+        subprocess.Popen([sys.executable, "-m", "runtimes.train.distributed", str(spec), str(rank)], env=env,
                          stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), preexec_fn=_die_with_parent)
         for rank in range(1, world_size)
     ]
@@ -89,8 +89,8 @@ def init_group(rank: int, world_size: int, port: int, backend: str) -> None:
 def rank_main(spec_path: str, rank_text: str) -> int:
     import torch.distributed as dist
 
-    from runtimes.sft_tokenize import TokenizedExample
-    from runtimes.trainer import SilentReporter, TrainConfig, TrainData, run_training
+    from runtimes.train.sft_tokenize import TokenizedExample
+    from runtimes.train.trainer import SilentReporter, TrainConfig, TrainData, run_training
 
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     rank = int(rank_text)
