@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -20,6 +22,7 @@ def build_schema() -> dict:
         types += [contract.params, contract.result]
     types += list(NOTIFICATIONS.values())
     refs, components = msgspec.json.schema_components(types, ref_template="#/$defs/{name}")
+    components = _normalized(components)
     by_type = dict(zip(types, refs))
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -34,6 +37,19 @@ def build_schema() -> dict:
         "notifications": {name: {"params": by_type[t]} for name, t in NOTIFICATIONS.items()},
         "$defs": components,
     }
+
+
+def _normalized(node: Any) -> Any:
+    """Descriptions as `inspect.cleandoc` reads the docstrings, whatever indentation msgspec's version keeps.
+
+    msgspec 0.23 stopped dedenting continuation lines; the schema (and the client types made from it)
+    must not change with that.
+    """
+    if isinstance(node, dict):
+        return {k: inspect.cleandoc(v) if k == "description" and isinstance(v, str) else _normalized(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_normalized(v) for v in node]
+    return node
 
 
 def schema_json() -> str:
