@@ -36,7 +36,19 @@ def open_dataset(arg: m.DatasetArg, ctx: Context, *, strict: bool, field: str = 
     if not ref.path.strip():
         raise RpcError.invalid_params(f"{field}.path" if not isinstance(arg, str) else field, "give the path of a data file")
     path = ctx.services.paths.check(Path(ref.path).expanduser(), must_exist=True)
+    if not path.is_file():  # a FIFO or a device would block the read forever; a directory is no data file
+        what = "a directory" if path.is_dir() else "not a regular file (a FIFO, socket or device)"
+        raise RpcError.failed("dataset_invalid", f"{path} is {what}; give a JSONL, JSON, CSV, TSV or Parquet file", path=str(path))
     return load_dataset(path, format=ref.format, file_type=ref.file_type, columns=dict(ref.columns), strict=strict)
+
+
+SAMPLE_CHARS = 4000  # a sample is for reading; a 40 MB cell must not become a 40 MB answer
+
+
+def _shown(text: str) -> str:
+    if len(text) <= SAMPLE_CHARS:
+        return text
+    return text[:SAMPLE_CHARS] + f"... [{len(text) - SAMPLE_CHARS} more characters not shown]"
 
 
 def plain_render(example: Example) -> str:
@@ -63,7 +75,7 @@ def inspect(params: m.DatasetsInspectParams, ctx: Context) -> m.DatasetsInspectR
     tokens: m.TokenStats | None = None
     if params.model is None:
         valid_rows = len(loaded.examples)
-        samples = [m.DatasetSample(e.row, plain_render(e), None, None) for e in loaded.examples[:params.samples]]
+        samples = [m.DatasetSample(e.row, _shown(plain_render(e)), None, None) for e in loaded.examples[:params.samples]]
     else:
         tokenized, stats, token_problems, samples = _tokenize(params, ctx, loaded)
         problems += token_problems
@@ -99,6 +111,6 @@ def _tokenize(params: m.DatasetsInspectParams, ctx: Context,
                 "skip them)") if tokenized else f"none of its {total} usable rows can be trained with {params.model}"
         raise DatasetInvalid.from_problems(loaded.path, problems, what)
     by_row = {example.row: example for example in loaded.examples}
-    samples = [m.DatasetSample(t.row, render_example(by_row[t.row], tokenizer, params.chat_template), t.n_tokens, t.n_trained)
+    samples = [m.DatasetSample(t.row, _shown(render_example(by_row[t.row], tokenizer, params.chat_template)), t.n_tokens, t.n_trained)
                for t in tokenized[:params.samples]]
     return tokenized, token_stats(tokenized), problems, samples

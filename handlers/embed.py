@@ -40,18 +40,14 @@ def encoded_size(count: int, dimensions: int, encoding: str) -> int:
 
 
 def write_npy(home: Path, vectors: Any) -> Path:
-    """A temporary sibling renamed into place, so no reader ever sees half a file."""
+    """Atomically, so no reader ever sees half a file and a full disk leaves nothing behind."""
     import numpy as np
 
-    folder = home / "outputs"
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"embeddings-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.npy"
-    partial = folder / f".{final.name}.tmp-{uuid.uuid4().hex[:6]}"
-    with open(partial, "wb") as handle:
+    from runtimes.files import atomic_file
+
+    final = home / "outputs" / f"embeddings-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.npy"
+    with atomic_file(final) as handle:
         np.save(handle, vectors)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, final)
     return final
 
 

@@ -17,15 +17,17 @@ def load_options(options: m.LoadOptions, runtime: str, ctx: Context) -> dict:
     chosen = {k: v for k, v in msgspec.structs.asdict(options).items() if v is not None}
     lora_path, lora_scale = chosen.pop("lora_path", None), chosen.pop("lora_scale")
     if lora_path is not None:
+        checked = ctx.services.paths.check(lora_path, must_exist=True)  # containment before anything else
         if runtime != "llama.cpp":
             raise RpcError.invalid_params("params.options.lora_path",
                                           "applies to GGUF models on llama.cpp; for transformers models use `adapters`")
-        chosen["lora"] = (str(ctx.services.paths.check(lora_path, must_exist=True)), lora_scale)
+        chosen["lora"] = (str(checked), lora_scale)
     return chosen
 
 
 async def resolve(ctx: Context, reference: str):
     def progress(step: int, total: int, message: str) -> None:
+        ctx.check_cancelled()  # a cancelled (or host-abandoned) build stops at its next step, leaving nothing
         ctx.progress("resolve", step, total, message)
 
     return await asyncio.to_thread(ctx.services.models.resolve, reference, progress)

@@ -121,11 +121,19 @@ def train(params: m.TrainParams, ctx: Context) -> m.TrainResult:
         checkpoint = services.paths.check(Path(resume).expanduser())
         checkpoint_state = read_state(checkpoint)
     p = resolve_params(params, checkpoint_state["params"] if checkpoint_state else None)
+    lora_path = (p.get("options") or {}).get("lora_path")
+    if lora_path:
+        services.paths.check(Path(lora_path).expanduser())  # containment before anything else, even for a refused field
+        raise RpcError.invalid_params("params.options.lora_path", "applies to GGUF models on llama.cpp (generate, embed); "
+                                      "train fine-tunes Hugging Face models: leave it out")
     p["resume_from"] = str(checkpoint) if checkpoint else None
 
     _output_path(services, p, ctx)  # refuse a taken output before spending minutes on training
     ctx.progress("resolve", 0, 1, f"resolving {p['model']}")
     model = services.models.resolve(p["model"], lambda step, total, message: ctx.progress("resolve", step, total, message))
+    from runtimes.hf.lm import check_model_dir
+
+    check_model_dir(model.path, bool((p.get("options") or {}).get("allow_pickle")))  # before minutes of tokenizing
     data = _load_data(p, ctx, model.path, checkpoint_state)
     ctx.check_cancelled()
 
@@ -263,12 +271,11 @@ def _write_reports(run_dir: Path, outcome: Any, p: dict[str, Any]) -> m.TrainFil
 
 
 def _output_path(services: Any, p: dict[str, Any], ctx: Context) -> tuple[str, str, Path]:
+    from handlers.outputs import destination
+
     kind = "model" if p["method"] == "full" else "adapter"
-    name = p["name"] or f"{kind}-{getattr(ctx, 'run_id', None) or int(time.time())}"
-    dest = services.paths.check(Path(p["output"]).expanduser()) if p["output"] else services.config.home / "artifacts" / f"{kind}s" / name
-    if dest.exists():
-        raise RpcError.failed("artifact_exists", f"{dest} already exists; choose another output (or name), or remove it first",
-                              path=str(dest))
+    name, dest = destination(services, f"{kind}s", output=p["output"], name=p["name"],
+                             default_name=f"{kind}-{getattr(ctx, 'run_id', None) or int(time.time())}")
     return kind, name, dest
 
 

@@ -6,11 +6,19 @@ generated from them, and the docs and client types follow the schema.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
 RequestId = Union[int, str]
+
+# Params that name files. The schema marks each with "x-path" (what the sidecar does with it), and
+# every one is checked against the allowed roots before any filesystem access: tests/test_path_fields.py
+# finds them all through this mark, so a new field of these types is tested without being listed.
+ModelRef = Annotated[str, msgspec.Meta(extra_json_schema={"x-path": "model"})]  # builtin:, artifact id, path or HF id
+InputPath = Annotated[str, msgspec.Meta(extra_json_schema={"x-path": "input"})]
+OutputPath = Annotated[str, msgspec.Meta(extra_json_schema={"x-path": "output"})]
+ArtifactName = Annotated[str, msgspec.Meta(extra_json_schema={"x-path": "name"})]  # one plain path component
 
 
 class Params(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -211,12 +219,12 @@ class LoadOptions(Params):
     n_ctx: int | None = None
     n_threads: int | None = None
     n_gpu_layers: int | None = None
-    lora_path: str | None = None
+    lora_path: InputPath | None = None
     lora_scale: float = 1.0
 
 
 class ModelsLoadParams(Params):
-    model: str
+    model: ModelRef
     runtime: Literal["auto", "transformers", "llama.cpp"] = "auto"
     options: LoadOptions = msgspec.field(default_factory=LoadOptions)
     keep_alive: KeepAlive | None = None
@@ -227,7 +235,7 @@ class ModelsListResult(Result):
 
 
 class ModelsUnloadParams(Params):
-    model: str
+    model: ModelRef
     runtime: Literal["any", "transformers", "llama.cpp"] = "any"
 
 
@@ -246,12 +254,12 @@ class ChatMessage(Params):
 class AdapterRef(Params):
     """An unmerged PEFT LoRA adapter (a directory or a registry artifact id) applied with a weight."""
 
-    adapter: str
+    adapter: ModelRef
     weight: float = 1.0
 
 
 class GenerateParams(Params):
-    model: str
+    model: ModelRef
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     chat_template: str | None = None
@@ -299,7 +307,7 @@ class GenerateResult(Result):
 
 
 class EmbedParams(Params):
-    model: str
+    model: ModelRef
     input: Union[str, list[str]]
     normalize: bool = True
     pooling: Literal["mean", "cls", "last"] | None = None
@@ -373,18 +381,18 @@ class DatasetRef(Params):
     """A dataset file and how to read it; `columns` maps our field names to the file's own
     (for example {"prompt": "question", "completion": "answer"} or {"messages": "dialog"})."""
 
-    path: str
+    path: InputPath
     format: DatasetFormat = "auto"
     file_type: FileType = "auto"
     columns: dict[str, str] = {}
 
 
-DatasetArg = Union[str, DatasetRef]
+DatasetArg = Union[InputPath, DatasetRef]
 
 
 class DatasetsInspectParams(Params):
     data: DatasetArg
-    model: str | None = None
+    model: ModelRef | None = None
     chat_template: str | None = None
     max_seq_length: int = 2048
     samples: int = 3
@@ -440,7 +448,7 @@ Unset = msgspec.UnsetType
 class TrainParams(Params):
     """Fields left out come from the preset (or the checkpoint being resumed), then the defaults."""
 
-    model: str | Unset = UNSET
+    model: ModelRef | Unset = UNSET
     data: DatasetArg | Unset = UNSET
     validation: DatasetArg | None | Unset = UNSET
     validation_split: float | Unset = UNSET
@@ -471,9 +479,9 @@ class TrainParams(Params):
     early_stopping_patience: int | None | Unset = UNSET
     checkpoint_every: int | None | Unset = UNSET
     strict: bool | Unset = UNSET
-    resume_from: str | None | Unset = UNSET
-    output: str | None | Unset = UNSET
-    name: str | None | Unset = UNSET
+    resume_from: InputPath | None | Unset = UNSET
+    output: OutputPath | None | Unset = UNSET
+    name: ArtifactName | None | Unset = UNSET
     distributed: DistributedOptions | Unset = UNSET
     options: LoadOptions | Unset = UNSET
 
@@ -508,6 +516,97 @@ class TrainResult(Result):
     files: TrainFiles
     checkpoints: list[str]
     params: dict[str, Any]
+
+
+# ----- merge, export, quantize
+
+ModelDtype = Literal["auto", "f32", "f16", "bf16"]
+
+
+class MergeLoraParams(Params):
+    """Fold one or more PEFT LoRA/DoRA adapters, each with its weight, into the base model's weights."""
+
+    model: ModelRef
+    adapters: list[AdapterRef]
+    output: OutputPath | None = None
+    name: ArtifactName | None = None
+    dtype: ModelDtype = "auto"
+    verify: bool = True
+    options: LoadOptions = msgspec.field(default_factory=LoadOptions)
+
+
+class MergeVerification(Result):
+    """The merged model against the base with the adapters attached unmerged, on a few probe prompts."""
+
+    probes: int
+    max_abs_logit_diff: float
+    dtype: str
+
+
+class MergeLoraResult(Result):
+    artifact: Artifact
+    verification: MergeVerification | None
+    tensors: int
+    merged_tensors: int
+    seconds: float
+
+
+class ExportParams(Params):
+    """`output` is the directory the export makes (left out: a new one under the home, named by `name`)."""
+
+    model: ModelRef
+    format: Literal["gguf"]
+    outtype: Literal["auto", "f32", "f16", "bf16", "q8_0"] = "auto"
+    quantization: str | None = None
+    adapters: list[AdapterRef] = []
+    merge: bool = False
+    modelfile: bool = True
+    system: str | None = None
+    output: OutputPath | None = None
+    name: ArtifactName | None = None
+    options: LoadOptions = msgspec.field(default_factory=LoadOptions)
+
+
+class ExportedFile(Result):
+    role: Literal["model", "adapter", "modelfile", "model_card", "tokenizer", "other"]
+    path: str
+    size_bytes: int
+
+
+class ExportResult(Result):
+    artifact: Artifact
+    format: str
+    path: str
+    outtype: str
+    quantization: str | None
+    files: list[ExportedFile]
+    seconds: float
+    warnings: list[str] = []
+
+
+class QuantizeParams(Params):
+    """`type` is a quantization type name (case-insensitive); the source may be a GGUF file, an artifact or an HF model."""
+
+    model: ModelRef
+    format: Literal["gguf"]
+    type: str
+    output: OutputPath | None = None
+    name: ArtifactName | None = None
+    modelfile: bool = True
+    options: LoadOptions = msgspec.field(default_factory=LoadOptions)
+
+
+class QuantizeResult(Result):
+    artifact: Artifact
+    format: str
+    path: str
+    type: str
+    size_bytes: int
+    source_size_bytes: int
+    ratio: float
+    seconds: float
+    files: list[ExportedFile] = []
+    warnings: list[str] = []
 
 
 # ----- diagnostic methods (only with --debug): exercise the job engine before the real long methods exist

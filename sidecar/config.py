@@ -73,4 +73,5 @@ class Config:
 
     def to_worker(self) -> dict:
         """What a worker process needs to rebuild the same view of the world."""
-        return {"home": str(self.home), "extra_roots": self.extra_roots, "debug": self.debug, "allow_network": self.allow_network}
+        return {"home": str(self.home), "extra_roots": self.extra_roots, "debug": self.debug, "allow_network": self.allow_network,
+                "max_message_bytes": self.max_message_bytes}

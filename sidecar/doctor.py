@@ -43,6 +43,14 @@ def llama_cpp_info() -> dict[str, Any]:
         return {"error": str(exc)}
 
 
+def _roots(config: Config) -> tuple:
+    from pathlib import Path
+
+    from sidecar.paths import PathPolicy, default_roots
+
+    return PathPolicy(default_roots(config.home, Path.cwd(), os.environ, config.extra_roots)).roots
+
+
 def report() -> dict[str, Any]:
     config = Config.from_env()
     return {
@@ -53,6 +61,7 @@ def report() -> dict[str, Any]:
         "llama_cpp": llama_cpp_info(),
         "home": str(config.home),
         "allowed_roots_env": os.environ.get("MLSIDECAR_ALLOWED_ROOTS", ""),
+        "allowed_roots": [str(r) for r in _roots(config)],
         "pool_budget_bytes": config.pool_budget_bytes,
         "allow_network": config.allow_network,
     }
@@ -72,6 +81,7 @@ def main(argv: list[str]) -> int:
     print("devices     " + ", ".join(k for k in data["devices"] if k != "import_s"))
     print(f"llama.cpp   {data['llama_cpp']}")
     print(f"home        {data['home']}")
+    print("roots       " + "\n            ".join(data["allowed_roots"]) + "   (add more with --allow-root DIR or MLSIDECAR_ALLOWED_ROOTS)")
     print(f"pool budget {data['pool_budget_bytes'] / 2**30:.1f} GiB")
     print(f"network     {'allowed' if data['allow_network'] else 'off (offline first)'}")
     missing = [n for n, v in data["packages"].items() if v is None and n != "mlsidecar"]

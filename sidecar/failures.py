@@ -24,6 +24,24 @@ def validation_error(exc: msgspec.ValidationError, prefix: str = "") -> RpcError
     return RpcError.invalid_params(field, reason)
 
 
+_FULL_WORDS = ("no space left", "not enough free space", "disk is full", "disk quota")
+
+
+def _disk_full(exc: BaseException) -> BaseException | None:
+    """The exception in the chain that says the disk is full: ENOSPC/EDQUOT, or a library's words for it
+    (numpy's 'Not enough free space', sqlite's 'database or disk is full') on an OSError without errno."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return current
+        if isinstance(current, (OSError, RuntimeError)) and any(w in str(current).lower() for w in _FULL_WORDS):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def error_from_exception(exc: BaseException) -> RpcError:
     if isinstance(exc, RpcError):
         return exc
@@ -39,8 +57,11 @@ def error_from_exception(exc: BaseException) -> RpcError:
         return RpcError.failed("out_of_memory", "ran out of memory; free memory (models/unload) or use a smaller model or batch", retryable=True)
     if isinstance(exc, FileNotFoundError):
         return RpcError.failed("file_not_found", f"{exc.filename or exc}: no such file or directory", path=str(exc.filename or ""))
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return RpcError.failed("disk_full", f"no space left on the device: {exc.filename or ''}; free disk space and retry", retryable=True)
+    full = _disk_full(exc)
+    if full is not None:
+        where = getattr(full, "filename", None) or ""
+        return RpcError.failed("disk_full", f"no space left on the device{': ' + str(where) if where else ''} ({full}); "
+                               "free disk space and retry", retryable=True)
     return RpcError(
         ErrorCode.INTERNAL_ERROR,
         f"internal error: {type(exc).__name__}: {exc}",

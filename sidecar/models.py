@@ -51,17 +51,27 @@ class ModelResolver:
             return self._builtin(reference, progress)
         tried: list[str] = []
         artifact_id = reference.removeprefix("artifact:")
-        record = self._registry().get_artifact(artifact_id)
+        from sidecar.registry import RegistryUnavailable
+
+        try:
+            record = self._registry().get_artifact(artifact_id)
+        except RegistryUnavailable as exc:
+            if reference.startswith("artifact:"):
+                raise
+            record = None  # a path or an HF id still resolves without the registry
+            tried.append(f"registry: unavailable ({exc})")
+        else:
+            tried.append(f"registry: no artifact with id {artifact_id!r}")
         if record is not None:
             return ResolvedModel(reference, Path(record.path), "artifact", record.id)
-        tried.append(f"registry: no artifact with id {artifact_id!r}")
         if reference.startswith("artifact:"):
             raise ModelNotFound(reference, tried)
         local = Path(os.path.expanduser(reference))
-        if local.is_absolute() or reference.startswith((".", "~")) or local.exists():
-            checked = self.paths.check(local)  # containment first: never reveal what exists outside the roots
-            if checked.exists():
-                return ResolvedModel(reference, checked, "local")
+        # Containment before existence, for every reference: whether a path outside the roots exists
+        # must never change the answer (an HF id such as org/name lies inside the working directory).
+        checked = self.paths.check(local)
+        if checked.exists():
+            return ResolvedModel(reference, checked, "local")
         tried.append(f"local path: {local.absolute()} does not exist")
         if _HF_ID.match(reference):
             found = self._hf_cache(reference, tried)

@@ -325,15 +325,39 @@ def sweep_stale_temporaries(parent: Path, older_than_s: float = 3600) -> int:
 # the registry
 
 
+class RegistryUnavailable(Exception):
+    """The registry file cannot be opened or written: every method that needs it fails with this, at once."""
+
+    def __init__(self, db_path: Path, exc: BaseException) -> None:
+        text = str(exc)
+        full = "full" in text.lower() or getattr(exc, "errno", None) == errno.ENOSPC
+        self.error_kind = "disk_full" if full else "registry_unavailable"
+        hint = ("free disk space and retry" if full else
+                "check that the home directory is writable and the file is an SQLite database "
+                "(move a corrupt file aside; it is rebuilt empty), or start with another --home")
+        super().__init__(f"the artifact registry {db_path} cannot be used ({type(exc).__name__}: {text}); {hint}")
+        self.error_detail = {"path": str(db_path)}
+        self.retryable = full
+
+
+@contextmanager
+def _registry_errors(db_path: Path) -> Iterator[None]:
+    try:
+        yield
+    except (sqlite3.Error, OSError) as exc:
+        raise RegistryUnavailable(db_path, exc) from exc
+
+
 class Registry:
     """Runs and artifacts in <home>/registry.sqlite3; one instance per process, one thread at a time."""
 
     def __init__(self, home: Path) -> None:
         self.home = Path(home).expanduser()
-        self.home.mkdir(parents=True, exist_ok=True)
         self.db_path = self.home / DB_FILENAME
         self._lock = threading.RLock()
-        self._conn: sqlite3.Connection | None = self._connect()
+        with _registry_errors(self.db_path):
+            self.home.mkdir(parents=True, exist_ok=True)
+            self._conn: sqlite3.Connection | None = self._connect()
 
     # -- connection and schema ----------------------------------------------------------------
 
@@ -399,7 +423,7 @@ class Registry:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A short write transaction; BEGIN IMMEDIATE takes the write lock up front so it cannot deadlock later."""
-        with self._lock:
+        with self._lock, _registry_errors(self.db_path):
             conn = self._db
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -411,7 +435,7 @@ class Registry:
                 raise
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
-        with self._lock:
+        with self._lock, _registry_errors(self.db_path):
             return self._db.execute(sql, args).fetchall()
 
     def close(self) -> None:

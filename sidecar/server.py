@@ -70,7 +70,11 @@ class Server:
         """Remove half-written artifact directories that a crashed process left behind."""
         from sidecar.registry import sweep_stale_temporaries
 
-        for folder in (self.config.home / "models" / "builtin", self.config.home / "artifacts"):
+        home = self.config.home
+        folders = [home / "models" / "builtin", home / "outputs", home / "artifacts", *_subfolders(home / "artifacts")]
+        for run in _subfolders(home / "runs"):
+            folders += [run, run / "checkpoints"]
+        for folder in folders:
             if folder.is_dir():
                 removed = sweep_stale_temporaries(folder)
                 if removed:
@@ -116,39 +120,60 @@ class Server:
                     {"maxMessageBytes": self.config.max_message_bytes, "size_at_least": line.size_at_least},
                 ))
             else:
-                self.on_line(line)
+                self._answer_line(line)
         self.writer.flush()  # answers to this chunk leave in this loop pass, not the next
 
     def on_eof(self) -> None:
         self._dispatch(self.splitter.finish())
         if os.getppid() != self._original_ppid:
             self.on_host_gone(f"parent process {self._original_ppid} exited")
-        elif self._input_is_file():
-            self._spawn(self._finish_script())  # `python -m sidecar < requests.jsonl`: a script, not a host
         else:
-            self.stop("stdin closed", self.config.cancel_grace_s)
+            self._spawn(self._finish_input())
 
-    def _input_is_file(self) -> bool:
-        import stat
-
-        return stat.S_ISREG(os.fstat(self.wire_in).st_mode)
-
-    async def _finish_script(self) -> None:
-        """Input from a regular file ended: let its requests finish, then stop."""
+    async def _finish_input(self) -> None:
+        """End of input from a live host means "nothing more to send" (a pipe typed by hand, a script):
+        answer every request received, then stop. The host watch keeps running meanwhile, so a host
+        that closed its end by dying (its pipes close just before it is reaped) still cancels the work."""
         while self.active and self._stopping is None:
             await asyncio.sleep(0.05)
-        self.stop("end of the input file", self.config.cancel_grace_s)
+        self.stop("end of input", self.config.cancel_grace_s)
 
     def on_host_gone(self, reason: str) -> None:
         log.warning("host gone (%s); shutting down", reason)
         self.writer.broken = True
         self.stop(reason, 0.5)
 
+    def _answer_line(self, line: bytes) -> None:
+        """The boundary for one incoming line: whatever it raises becomes that line's answer, never the session's end.
+
+        A request whose job already exists gets its error through the job (so it is still answered
+        exactly once); one that got no job is answered here with the id it carried, if any; a
+        notification (or a line whose id cannot be read) gets nothing or an id-null error.
+        """
+        try:
+            self.on_line(line)
+        except Exception as exc:  # noqa: BLE001 - the whole point: one line can never end the session
+            log.warning("a line failed in the dispatcher (%s: %s)", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            error = _line_error(exc)
+            request_id = getattr(exc, "request_id", None)  # None: raised before the id was read
+            if request_id is _MISSING:
+                return  # raised while handling a notification: nothing to answer
+            try:
+                job = self.active.get(request_id) if request_id is not None else None
+                if job is not None:
+                    if not job.finished:
+                        job.finish(error=error)
+                else:
+                    self.send_error(request_id, error)
+            except Exception:  # noqa: BLE001 - not even the answer could be written: log it, keep serving
+                log.exception("could not answer a line that failed")
+
     def on_line(self, line: bytes) -> None:
         try:
             message = wire.decode(line)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            self.send_error(None, RpcError(ErrorCode.PARSE_ERROR, f"parse error: {exc}; send one JSON object per line"))
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            self.send_error(None, RpcError(ErrorCode.PARSE_ERROR, f"parse error: {reason}; send one JSON object per line"))
             return
         if not isinstance(message, dict):
             what = "a batch (JSON array)" if isinstance(message, list) else f"a JSON {type(message).__name__}"
@@ -159,7 +184,7 @@ class Server:
         if message.get("jsonrpc", "2.0") != "2.0":
             self.send_error(self._safe_id(request_id), RpcError(ErrorCode.INVALID_REQUEST, 'invalid request: "jsonrpc" must be "2.0"'))
             return
-        if request_id is not _MISSING and (isinstance(request_id, bool) or not isinstance(request_id, (int, str))):
+        if request_id is not _MISSING and self._safe_id(request_id) is None:
             self.send_error(None, RpcError(ErrorCode.INVALID_REQUEST, "invalid request: id must be an integer or a string"))
             return
         if not isinstance(method, str):
@@ -168,18 +193,26 @@ class Server:
             self.send_error(self._safe_id(request_id), RpcError(ErrorCode.INVALID_REQUEST, 'invalid request: "method" must be a string'))
             return
         params = message.get("params")
-        if request_id is _MISSING:
-            self.on_notification(method, params)
-        else:
-            self.on_request(request_id, method, params)
+        try:
+            if request_id is _MISSING:
+                self.on_notification(method, params)
+            else:
+                self.on_request(request_id, method, params)
+        except Exception as exc:
+            exc.request_id = request_id  # type: ignore[attr-defined]  # for _answer_line; _MISSING: a notification
+            raise
 
     @staticmethod
     def _safe_id(request_id: Any) -> Any:
-        return request_id if isinstance(request_id, (int, str)) and not isinstance(request_id, bool) else None
+        """The id if it is one JSON-RPC allows and we can write back (an int in 64 bits, or a string), else None."""
+        if isinstance(request_id, str) or (isinstance(request_id, int) and not isinstance(request_id, bool)
+                                           and -2**63 <= request_id < 2**64):
+            return request_id
+        return None
 
     def on_notification(self, method: str, params: Any) -> None:
-        if method == "$/cancel" and isinstance(params, dict):
-            job = self.active.get(params.get("id"))
+        if method == "$/cancel" and isinstance(params, dict) and self._safe_id(params.get("id")) is not None:
+            job = self.active.get(params["id"])
             if job is not None and job.method != "shutdown":
                 job.request_cancel()
         # other notifications are ignored, as JSON-RPC asks
@@ -379,9 +412,39 @@ class Server:
             self._done.set()
 
 
+def _subfolders(folder: Any) -> list:
+    """The directories directly inside folder (none if it does not exist): where writers put their temporaries."""
+    try:
+        return [entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".")]
+    except OSError:
+        return []
+
+
+def _line_error(exc: BaseException) -> RpcError:
+    if isinstance(exc, RpcError):
+        return exc
+    if isinstance(exc, RecursionError):
+        return RpcError(ErrorCode.INVALID_REQUEST, "invalid request: the message is nested too deeply; flatten the params")
+    return RpcError(ErrorCode.INTERNAL_ERROR, f"internal error while reading the request ({type(exc).__name__}: {exc}); "
+                                               "the sidecar goes on serving; please report this with the request line")
+
+
 async def serve(config: Config, wire_in: int, wire_out: int) -> int:
     server = Server(config, wire_in, wire_out)
     return await server.serve()
+
+
+def route_library_warnings() -> None:
+    """Libraries' warnings (transformers' FutureWarnings, say) go to the log at debug level, not between
+    a user's results: MLSIDECAR_LOG_LEVEL=DEBUG shows them."""
+    import warnings
+
+    library_log = logging.getLogger("sidecar.library")
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        library_log.debug("%s:%d: %s: %s", filename, lineno, category.__name__, message)
+
+    warnings.showwarning = show
 
 
 def _loop_factory() -> Any:
@@ -399,7 +462,10 @@ def run(config: Config, wire_in: int, wire_out: int) -> None:
     level = os.environ.get("MLSIDECAR_LOG_LEVEL") or ("DEBUG" if config.debug else "INFO")
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s sidecar[%(process)d] %(levelname)s %(message)s")
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        code = runner.run(serve(config, wire_in, wire_out))
+    route_library_warnings()
+    # Not `with asyncio.Runner(...)`: closing the runner joins the default executor's threads, and a
+    # thread mid-way through a model build would hold the exit for minutes after the host is gone.
+    runner = asyncio.Runner(loop_factory=_loop_factory())
+    code = runner.run(serve(config, wire_in, wire_out))
     sys.stderr.flush()
-    os._exit(code)  # executor threads (a model mid-step) must not hold the exit
+    os._exit(code)

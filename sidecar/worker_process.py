@@ -54,6 +54,23 @@ class WorkerContext:
             raise Cancelled(partial)
 
 
+def _fitting(message: dict[str, Any], config: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """A result too large for one protocol line goes to a file, and the answer says where (never a 'crash')."""
+    data = wire.encode(message)
+    if len(data) <= config.max_message_bytes - 4096:  # room for the envelope the sidecar wraps it in
+        return message
+    from protocol.errors import RpcError
+
+    from runtimes.files import atomic_file
+
+    dest = config.home / "outputs" / f"result-{spec.get('run_id') or os.getpid()}.json"
+    with atomic_file(dest) as handle:
+        handle.write(data)
+    error = RpcError.failed("result_too_large", f"the result ({len(data)} bytes) exceeds maxMessageBytes "
+                            f"({config.max_message_bytes}); it was written to {dest}", path=str(dest), size_bytes=len(data))
+    return {"error": error.to_wire()}
+
+
 def _read_lines(fd: int):
     splitter = wire.LineSplitter(1 << 30)
     while True:
@@ -81,6 +98,9 @@ def main() -> None:
     from sidecar.failures import error_from_exception
     from sidecar.services import Services
 
+    from sidecar.server import route_library_warnings
+
+    route_library_warnings()
     config = Config(**{**spec["config"], "home": __import__("pathlib").Path(spec["config"]["home"])})
     ctx = WorkerContext(spec["id"], spec["method"], Services(config, with_pool=False), wire_out)
     ctx.run_id = spec.get("run_id")
@@ -95,7 +115,7 @@ def main() -> None:
     try:
         params = msgspec.convert(spec["params"], METHODS[spec["method"]].params)
         result = implementation(spec["method"])(params, ctx)
-        ctx.send({"result": msgspec.to_builtins(result)})
+        ctx.send(_fitting({"result": msgspec.to_builtins(result)}, config, spec))
     except BaseException as exc:  # noqa: BLE001 - everything becomes the job's one error
         error = error_from_exception(exc)
         if error.code == -32603:

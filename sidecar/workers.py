@@ -39,6 +39,22 @@ def describe_exit(returncode: int) -> str:
 
 
 async def run_in_worker(job: "Job", config: Config) -> None:
+    """Run the job in a fresh worker; whatever fails on the way (the registry, the spawn, a bug), the job is answered."""
+    try:
+        await _run_in_worker(job, config)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a request must never be left without its response
+        from sidecar.failures import error_from_exception
+
+        log.exception("worker job %r (%s) failed before or around its worker", job.id, job.method)
+        if not job.finished:
+            job.finish(error=error_from_exception(exc))
+
+
+async def _run_in_worker(job: "Job", config: Config) -> None:
+    params = _params_to_builtins(job.params)
+    run_id = job.services.registry.start_run(job.method, params)  # before the spawn: no worker left idling if this fails
     env = dict(os.environ, MLSIDECAR_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -48,7 +64,9 @@ async def run_in_worker(job: "Job", config: Config) -> None:
             start_new_session=True,  # a terminal's Ctrl-C reaches the sidecar, which cancels; not the workers directly
         )
     except OSError as exc:
-        job.finish(error=RpcError.failed("worker_crashed", f"could not start a worker process: {exc}", retryable=True))
+        error = RpcError.failed("worker_crashed", f"could not start a worker process: {exc}", retryable=True)
+        _record_run(job, run_id, {"error": error})
+        job.finish(error=error)
         return
     job.pid = proc.pid
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
@@ -65,8 +83,6 @@ async def run_in_worker(job: "Job", config: Config) -> None:
 
     job.on_cancel.append(on_cancel)
     final: dict[str, Any] | None = None
-    params = _params_to_builtins(job.params)
-    run_id = job.services.registry.start_run(job.method, params)
     try:
         send({"id": job.id, "method": job.method, "params": params, "config": config.to_worker(), "run_id": run_id})
         if job.cancelled.is_set():

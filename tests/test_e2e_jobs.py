@@ -147,21 +147,20 @@ def test_two_hundred_concurrent_requests_are_each_answered_once(spawn):
         assert ok == (method not in ("no/such",) and not (method == "debug/sleep" and "bad" in str(responses[request_id]))), request_id
 
 
-def test_stdin_closed_with_jobs_in_flight(spawn):
+def test_stdin_closed_by_a_live_host_answers_everything_then_exits(spawn):
+    """End of input from a live host means "nothing more to send", as when requests are piped by hand."""
     sidecar = spawn("--debug")
-    running = sidecar.start("debug/sleep", {"seconds": 30, "steps": 300})
-    queued = sidecar.start("debug/sleep", {"seconds": 30, "steps": 300})
-    streaming = sidecar.start("debug/stream", {"count": 100000, "delay_ms": 5})
+    running = sidecar.start("debug/sleep", {"seconds": 1.0, "steps": 10})
+    queued = sidecar.start("debug/sleep", {"seconds": 0.5, "steps": 5})
+    streaming = sidecar.start("debug/stream", {"count": 50, "delay_ms": 5})
     wait_for_event(sidecar, running)
-    worker = next(j["pid"] for j in sidecar.call("status")["result"]["jobs"] if j["id"] == running)
-    started = time.monotonic()
     sidecar.proc.stdin.close()
     rest = list(sidecar.messages())
-    assert sidecar.proc.wait(10) == 0 and time.monotonic() - started < 5
-    finals = {m["id"]: m for m in rest if "id" in m}
+    assert sidecar.proc.wait(30) == 0
+    finals = {m["id"]: m for m in [*sidecar.backlog, *rest] if "id" in m}
     assert {running, queued, streaming} <= set(finals)
-    assert all(finals[i]["error"]["code"] == -32800 for i in (running, queued, streaming))
-    assert pid_gone(worker, 2)
+    assert all("result" in finals[i] for i in (running, queued, streaming)), finals
+    assert [e["stage"] for e in sidecar.events(queued)].count("queued") >= 1
 
 
 def test_shutdown_cancels_work_answers_and_refuses_new_work(spawn):

@@ -144,6 +144,25 @@ class NoChatTemplate(UnsupportedModel):
                          "(a Jinja template) with the request", path=str(path))
 
 
+def check_model_dir(path: Path, allow_pickle: bool = False) -> dict[str, Any]:
+    """The checks every method makes before loading a Hugging Face directory (generate, train, merge,
+    export), so each refuses the same inputs with the same words; returns the parsed config.json."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise UnsupportedModel(f"{path} is not a Hugging Face model directory (no config.json)", path=str(path))
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UnsupportedModel(f"{path / 'config.json'} is not valid JSON ({exc})", path=str(path)) from None
+    if not allow_pickle and not any(path.glob("*.safetensors")):
+        raise UnsupportedModel(
+            f"{path} has no .safetensors weights; pickle checkpoints (.bin) load only with options.allow_pickle=true, "
+            "and only from a source you trust",
+            path=str(path), hint="options.allow_pickle",
+        )
+    return config
+
+
 class TransformersRuntime:
     name = "transformers"
 
@@ -157,14 +176,8 @@ class TransformersRuntime:
         return size // 2 if dtype in ("float16", "bfloat16") and size else size
 
     def load(self, path: Path, options: dict[str, Any], progress: ProgressFn) -> TransformersModel:
-        config = json.loads((path / "config.json").read_text())
         allow_pickle = bool(options.get("allow_pickle"))
-        if not allow_pickle and not list(path.glob("*.safetensors")):
-            raise UnsupportedModel(
-                f"{path} has no .safetensors weights; pickle checkpoints (.bin) load only with options.allow_pickle=true, "
-                "and only from a source you trust",
-                path=str(path),
-            )
+        config = check_model_dir(path, allow_pickle)
         progress(0, 3, "importing torch and transformers")
         import torch
         import transformers

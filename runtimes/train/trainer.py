@@ -193,10 +193,10 @@ def load_trainable_model(model_path: Path, config: TrainConfig, packed_attention
     from transformers import AutoModelForCausalLM
 
     from runtimes.train.packed_attention import register
-    from runtimes.hf.lm import pick_device, pick_dtype
+    from runtimes.hf.lm import check_model_dir, pick_device, pick_dtype
 
+    raw_config = check_model_dir(Path(model_path), config.allow_pickle)
     device = pick_device(config.device)
-    raw_config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
     dtype = pick_dtype(config.dtype, device, raw_config)
     if device == "cpu" and dtype == "float16":
         dtype = "float32"  # CPU float16 training is slow and unstable
