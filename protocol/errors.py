@@ -38,6 +38,9 @@ ErrorKind = Literal[
     "no_chat_template",
     "adapter_invalid",
     "checkpoint_invalid",
+    "adapter_mismatch",
+    "registry_unavailable",
+    "result_too_large",
     "internal",
 ]
 

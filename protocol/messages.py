@@ -551,13 +551,45 @@ class MergeLoraResult(Result):
     seconds: float
 
 
+class CoreMLQuantizationOverride(Params):
+    """Mixed precision: settings for the ops of one type or one name (`skip` leaves them uncompressed)."""
+
+    op_type: str | None = None
+    op_name: str | None = None
+    mode: Literal["palettize", "linear"] | None = None
+    nbits: int | None = None
+    granularity: Literal["per_tensor", "per_channel", "per_grouped_channel", "per_block"] | None = None
+    group_size: int | None = None
+    dtype: Literal["int4", "int8"] | None = None
+    block_size: int | None = None
+    skip: bool = False
+
+
+class CoreMLQuantization(Params):
+    """Core ML weight compression: k-means palettization (`nbits`) or linear quantization (`dtype`)."""
+
+    mode: Literal["palettize", "linear"]
+    nbits: int | None = None
+    granularity: Literal["per_tensor", "per_channel", "per_grouped_channel", "per_block"] | None = None
+    group_size: int | None = None
+    dtype: Literal["int4", "int8"] | None = None
+    block_size: int | None = None
+    overrides: list[CoreMLQuantizationOverride] = []
+
+
 class ExportParams(Params):
-    """`output` is the directory the export makes (left out: a new one under the home, named by `name`)."""
+    """`output` is the directory the export makes (left out: a new one under the home, named by `name`).
+
+    `quantization` is a GGUF type name for gguf, a CoreMLQuantization for coreml, "int8" (dynamic) for onnx;
+    `context_length`, `prefill_length` and `functions` apply to coreml only."""
 
     model: ModelRef
-    format: Literal["gguf"]
+    format: Literal["gguf", "coreml", "onnx"]
     outtype: Literal["auto", "f32", "f16", "bf16", "q8_0"] = "auto"
-    quantization: str | None = None
+    quantization: str | CoreMLQuantization | None = None
+    context_length: int | None = None
+    prefill_length: int | None = None
+    functions: list[Literal["prefill", "decode", "embed"]] | None = None
     adapters: list[AdapterRef] = []
     merge: bool = False
     modelfile: bool = True
@@ -582,14 +614,19 @@ class ExportResult(Result):
     files: list[ExportedFile]
     seconds: float
     warnings: list[str] = []
+    spec: dict[str, Any] | None = None
+    quantization_report: dict[str, Any] | None = None
+    validation: dict[str, Any] | None = None
 
 
 class QuantizeParams(Params):
-    """`type` is a quantization type name (case-insensitive); the source may be a GGUF file, an artifact or an HF model."""
+    """gguf: `type` is a quantization type name (case-insensitive); the source may be a GGUF file, an artifact
+    or an HF model. coreml: `quantization` compresses a .mlpackage (or a model, exported first)."""
 
     model: ModelRef
-    format: Literal["gguf"]
-    type: str
+    format: Literal["gguf", "coreml"]
+    type: str | None = None
+    quantization: CoreMLQuantization | None = None
     output: OutputPath | None = None
     name: ArtifactName | None = None
     modelfile: bool = True
@@ -607,6 +644,7 @@ class QuantizeResult(Result):
     seconds: float
     files: list[ExportedFile] = []
     warnings: list[str] = []
+    quantization_report: dict[str, Any] | None = None
 
 
 # ----- diagnostic methods (only with --debug): exercise the job engine before the real long methods exist

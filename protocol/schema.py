@@ -5,11 +5,12 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 
 from protocol import messages as m
+from protocol.errors import ErrorCode, ErrorKind
 from protocol.methods import METHODS, NOTIFICATIONS
 from protocol.version import PROTOCOL_VERSION
 
@@ -35,6 +36,7 @@ def build_schema() -> dict:
             for name, c in METHODS.items()
         },
         "notifications": {name: {"params": by_type[t]} for name, t in NOTIFICATIONS.items()},
+        "errors": {"codes": {code.name: int(code) for code in ErrorCode}, "kinds": list(get_args(ErrorKind))},
         "$defs": components,
     }
 
