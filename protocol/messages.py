@@ -191,6 +191,14 @@ class PoolInfo(Result):
     loading: list[str]
 
 
+class ThreadInfo(Result):
+    """The thread policy in force for every job (sidecar and workers), and why it was chosen."""
+
+    threads: int
+    wait_policy: str
+    reason: str
+
+
 class StatusResult(Result):
     uptime_s: float
     jobs: list[JobInfo]
@@ -198,6 +206,7 @@ class StatusResult(Result):
     pool: PoolInfo
     max_concurrent_jobs: int
     max_queued_jobs: int
+    threads: ThreadInfo | None = None
 
 
 class ShutdownResult(Result):

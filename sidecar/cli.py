@@ -22,6 +22,8 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool-budget", type=parse_bytes, help="memory for loaded models (default half of RAM)")
     parser.add_argument("--cancel-grace", type=float, help="seconds a cancelled worker gets to checkpoint before it is killed")
     parser.add_argument("--host-pid", type=int, help="exit when this process exits (as initialize's processId)")
+    parser.add_argument("--threads", type=int, help="compute threads per job (default: physical cores, capped by a CPU quota; "
+                                                    "or $MLSIDECAR_THREADS)")
     return parser
 
 
@@ -46,6 +48,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def serve(argv: list[str], wire_in: int, wire_out: int) -> None:
     args = serve_parser().parse_args(argv)
     config = config_from_args(args)
+    from sidecar import threads
+
+    threads.apply(threads.decide(requested=args.threads))  # before torch or llama.cpp can load, here or in a worker
     from sidecar.server import run
 
     run(config, wire_in, wire_out)

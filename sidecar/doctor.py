@@ -62,6 +62,7 @@ def report() -> dict[str, Any]:
         "home": str(config.home),
         "allowed_roots_env": os.environ.get("MLSIDECAR_ALLOWED_ROOTS", ""),
         "allowed_roots": [str(r) for r in _roots(config)],
+        "threads": __import__("sidecar.threads", fromlist=["current"]).current().to_dict(),
         "pool_budget_bytes": config.pool_budget_bytes,
         "allow_network": config.allow_network,
     }
@@ -83,6 +84,8 @@ def main(argv: list[str]) -> int:
     print(f"home        {data['home']}")
     print("roots       " + "\n            ".join(data["allowed_roots"]) + "   (add more with --allow-root DIR or MLSIDECAR_ALLOWED_ROOTS)")
     print(f"pool budget {data['pool_budget_bytes'] / 2**30:.1f} GiB")
+    print(f"threads     {data['threads']['threads']} per job, OMP_WAIT_POLICY={data['threads']['wait_policy']} "
+          f"({data['threads']['reason']}; override with --threads / MLSIDECAR_THREADS, MLSIDECAR_WAIT_POLICY)")
     print(f"network     {'allowed' if data['allow_network'] else 'off (offline first)'}")
     missing = [n for n, v in data["packages"].items() if v is None and n != "mlsidecar"]
     if missing:

@@ -367,8 +367,10 @@ class Server:
             if j.method not in {"status", "ping"}
         ]
         pool = self.services.pool
+        from sidecar.threads import current
+
         return m.StatusResult(round(time.time() - self.started, 3), jobs, pool.models(), pool.info(),
-                              self.config.max_concurrent_jobs, self.config.max_queued_jobs)
+                              self.config.max_concurrent_jobs, self.config.max_queued_jobs, m.ThreadInfo(**current().to_dict()))
 
     async def shutdown(self, params: m.Empty, job: Job) -> m.ShutdownResult:
         self.accepting = False

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -86,12 +88,38 @@ def sidecar(spawn: Any) -> Sidecar:
     return spawn("--debug")
 
 
+class StallWatchdog:
+    """Kills a process that shows no progress for stall_s. On a loaded machine the tiny build may take
+    many minutes (pytest's timeout excludes fixtures for that reason), but it must keep moving."""
+
+    def __init__(self, proc: Any, stall_s: float) -> None:
+        self.proc, self.stall_s, self.last = proc, stall_s, time.monotonic()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def progressed(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(1.0):
+            if time.monotonic() - self.last > self.stall_s:
+                self.proc.kill()
+                return
+
+
 @pytest.fixture(scope="session")
 def tiny_path(shared_home: Path) -> Path:
     """builtin:tiny, built once for the session through a real sidecar."""
     sidecar = Sidecar([], sidecar_env(shared_home), shared_home / "build-stderr.log")
+    watchdog = StallWatchdog(sidecar.proc, stall_s=180)
     try:
-        result = sidecar.request("models/load", {"model": "builtin:tiny", "keep_alive": 0})
+        response = sidecar.wait_response(sidecar.start("models/load", {"model": "builtin:tiny", "keep_alive": 0}),
+                                         on_event=lambda _: watchdog.progressed())
     finally:
+        watchdog.stop()
         sidecar.close()
-    return Path(result["path"])
+    assert "result" in response, response
+    return Path(response["result"]["path"])

@@ -183,7 +183,7 @@ class LlamaCppRuntime:
         progress(1, 2, f"loading {path.name}")
         try:
             llama = llama_cpp.Llama(
-                str(path), n_ctx=n_ctx, n_threads=options.get("n_threads") or os.cpu_count(),
+                str(path), n_ctx=n_ctx, n_threads=_threads(options), n_threads_batch=_threads(options),
                 n_gpu_layers=n_gpu_layers, embedding=bool(options.get("embedding")), verbose=False,
                 lora_path=lora[0] if lora else None, lora_scale=lora[1] if lora else 1.0,
                 pooling_type=pooling,
@@ -194,3 +194,8 @@ class LlamaCppRuntime:
         on_gpu = n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
         return LlamaCppModel(llama, path, "gpu" if on_gpu else "cpu", path.stat().st_size, bool(options.get("embedding")),
                              adapters=(lora[0],) if lora else ())
+
+
+def _threads(options: dict[str, Any]) -> int:
+    """The request's n_threads, else the sidecar's thread policy (MLSIDECAR_THREADS), else every CPU."""
+    return int(options.get("n_threads") or os.environ.get("MLSIDECAR_THREADS") or os.cpu_count() or 1)

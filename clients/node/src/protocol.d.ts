@@ -555,7 +555,15 @@ export interface StatusResult {
   max_queued_jobs: number;
   models: ModelInfo[];
   pool: PoolInfo;
+  threads?: ThreadInfo | null;
   uptime_s: number;
+}
+
+/** The thread policy in force for every job (sidecar and workers), and why it was chosen. */
+export interface ThreadInfo {
+  reason: string;
+  threads: number;
+  wait_policy: string;
 }
 
 export interface Timings {

@@ -1862,13 +1862,16 @@ public struct StatusResult: Codable, Hashable, Sendable {
     public var pool: PoolInfo
     public var maxConcurrentJobs: Int
     public var maxQueuedJobs: Int
-    public init(uptimeS: Double, jobs: [JobInfo], models: [ModelInfo], pool: PoolInfo, maxConcurrentJobs: Int, maxQueuedJobs: Int) {
+    /// Default: `null`.
+    public var threads: ThreadInfo?
+    public init(uptimeS: Double, jobs: [JobInfo], models: [ModelInfo], pool: PoolInfo, maxConcurrentJobs: Int, maxQueuedJobs: Int, threads: ThreadInfo? = nil) {
         self.uptimeS = uptimeS
         self.jobs = jobs
         self.models = models
         self.pool = pool
         self.maxConcurrentJobs = maxConcurrentJobs
         self.maxQueuedJobs = maxQueuedJobs
+        self.threads = threads
     }
     enum CodingKeys: String, CodingKey {
         case uptimeS = "uptime_s"
@@ -1877,6 +1880,24 @@ public struct StatusResult: Codable, Hashable, Sendable {
         case pool
         case maxConcurrentJobs = "max_concurrent_jobs"
         case maxQueuedJobs = "max_queued_jobs"
+        case threads
+    }
+}
+
+/// The thread policy in force for every job (sidecar and workers), and why it was chosen.
+public struct ThreadInfo: Codable, Hashable, Sendable {
+    public var threads: Int
+    public var waitPolicy: String
+    public var reason: String
+    public init(threads: Int, waitPolicy: String, reason: String) {
+        self.threads = threads
+        self.waitPolicy = waitPolicy
+        self.reason = reason
+    }
+    enum CodingKeys: String, CodingKey {
+        case threads
+        case waitPolicy = "wait_policy"
+        case reason
     }
 }
 
