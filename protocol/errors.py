@@ -39,6 +39,7 @@ ErrorKind = Literal[
     "adapter_invalid",
     "checkpoint_invalid",
     "adapter_mismatch",
+    "verification_failed",
     "registry_unavailable",
     "result_too_large",
     "internal",

@@ -1,7 +1,9 @@
 """`python -m sidecar demo`: a scripted session through the real protocol, printed as it happens.
 
 It spawns `python -m sidecar` like a host app would and walks what exists so far: the handshake,
-the model pool with the built-in model, the registry, and a long job with progress and cancel.
+the model pool with the built-in model, a quick LoRA fine-tune, merging it, exporting the merged
+model to a Q4_K_M GGUF with its Ollama Modelfile in one request and generating from that file
+through llama.cpp, the registry, and a long job with progress and cancel.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def main(argv: list[str]) -> int:
 
         loaded = call("models/load", {"model": args.model, "keep_alive": "10m"})
         print(f"<- {loaded['model']} on {loaded['device']} ({loaded['dtype']}), {mib(loaded['memory_bytes'])}, path {loaded['path']}")
+        if args.model == "builtin:tiny":
+            print("   (builtin:tiny is a 197k-parameter model trained for seconds on a small corpus: it makes words, "
+                  "not sense. Pass --model with a real model to see real text.)")
 
         show("generate, streamed", {"method": "generate", "params": {"model": args.model, "prompt": "Once upon a time, a clever fox",
                                                                       "max_tokens": 48, "temperature": 0}})
@@ -104,6 +109,27 @@ def main(argv: list[str]) -> int:
             show(f"generate, {label}", {"method": "generate", "params": {**question, **extra}})
             answer = sidecar.request("generate", {**question, **extra, "stream": False})
             print(f"<- {json.dumps(answer['text'])}")
+
+        merged = call("merge_lora", {"model": args.model, "adapters": [{"adapter": trained["artifact"]["id"]}]})
+        check = merged["verification"]
+        print(f"<- model {merged['artifact']['id']}: {merged['merged_tensors']} of {merged['tensors']} tensors merged"
+              + (f", max |logit difference| to the unmerged adapter {check['max_abs_logit_diff']:.2e}" if check else ""))
+
+        exported = call("export", {"model": merged["artifact"]["id"], "format": "gguf", "quantization": "Q4_K_M",
+                                   "system": "You are a helpful assistant."})
+        model_file = next(f for f in exported["files"] if f["role"] == "model")
+        print(f"<- {exported['quantization']} GGUF (from {exported['outtype']}) {mib(model_file['size_bytes'])} in "
+              f"{exported['seconds']:.1f}s: {exported['path']}")
+        for warning in exported["warnings"]:
+            print(f"   warning: {warning}")
+        gguf_question = {**question, "model": exported["path"], "stream": False}
+        show("generate, from the quantized GGUF through llama.cpp", {"method": "generate", "params": gguf_question})
+        answer = sidecar.request("generate", gguf_question)
+        print(f"<- {json.dumps(answer['text'])} (runtime {answer['runtime']})")
+        print("   Modelfile beside it (ollama create NAME -f Modelfile):")
+        modelfile = next(f for f in exported["files"] if f["role"] == "modelfile")
+        for line in Path(modelfile["path"]).read_text(encoding="utf-8").splitlines():
+            print(f"   | {line}")
 
         models = call("models/list")["models"]
         for model in models:

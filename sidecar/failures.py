@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import traceback
 from typing import Any
 
@@ -25,6 +26,7 @@ def validation_error(exc: msgspec.ValidationError, prefix: str = "") -> RpcError
 
 
 _FULL_WORDS = ("no space left", "not enough free space", "disk is full", "disk quota")
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile on a full disk, without errno
 
 
 def _disk_full(exc: BaseException) -> BaseException | None:
@@ -37,6 +39,8 @@ def _disk_full(exc: BaseException) -> BaseException | None:
         if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
             return current
         if isinstance(current, (OSError, RuntimeError)) and any(w in str(current).lower() for w in _FULL_WORDS):
+            return current
+        if isinstance(current, OSError) and current.errno is None and _SHORT_WRITE.search(str(current)):
             return current
         current = current.__cause__ or current.__context__
     return None

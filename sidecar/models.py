@@ -8,6 +8,7 @@ list of what was tried.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
@@ -38,6 +39,18 @@ class ResolvedModel:
     artifact_id: str | None = None
 
 
+def _model_file(artifact_dir: Path) -> Path:
+    """A single-file model artifact (a GGUF export) resolves to the file its manifest names, so that
+    generate, models/load and benchmark take the artifact id; a model directory resolves to itself."""
+    try:
+        named = json.loads((artifact_dir / "manifest.json").read_text()).get("model_file")
+    except (OSError, ValueError, AttributeError):
+        return artifact_dir
+    if isinstance(named, str) and "/" not in named and (artifact_dir / named).is_file():
+        return artifact_dir / named
+    return artifact_dir
+
+
 class ModelResolver:
     def __init__(self, config: Config, paths: PathPolicy, registry: Callable[[], Any]) -> None:
         self.config = config
@@ -63,7 +76,7 @@ class ModelResolver:
         else:
             tried.append(f"registry: no artifact with id {artifact_id!r}")
         if record is not None:
-            return ResolvedModel(reference, Path(record.path), "artifact", record.id)
+            return ResolvedModel(reference, _model_file(Path(record.path)), "artifact", record.id)
         if reference.startswith("artifact:"):
             raise ModelNotFound(reference, tried)
         local = Path(os.path.expanduser(reference))

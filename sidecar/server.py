@@ -21,6 +21,7 @@ from sidecar import hostwatch, wire
 from sidecar.config import Config
 from sidecar.failures import error_from_exception, validation_error
 from sidecar.jobs import Job
+from sidecar.path_fields import check_path_fields
 from sidecar.services import Services
 
 log = logging.getLogger("sidecar")
@@ -236,6 +237,7 @@ class Server:
                 params = msgspec.convert(raw_params or {}, contract.params)
             except msgspec.ValidationError as exc:
                 raise validation_error(exc, "params") from None
+            check_path_fields(params, self.services.paths)  # containment of every x-path field before any work
             if method not in _PRE_INIT_METHODS:
                 if not self.initialized and self.config.strict:
                     raise RpcError(ErrorCode.NOT_INITIALIZED, "not initialized: send initialize first (strict mode)")
@@ -244,6 +246,9 @@ class Server:
                 raise RpcError.failed("shutting_down", "the sidecar is shutting down and accepts no new work; start a new process")
         except RpcError as error:
             self.send_error(request_id, error)
+            return
+        except Exception as exc:  # noqa: BLE001 - path_not_allowed from the containment check
+            self.send_error(request_id, error_from_exception(exc))
             return
         job = Job(self, request_id, method, contract, params)
         self.active[request_id] = job

@@ -154,11 +154,16 @@ def check_model_dir(path: Path, allow_pickle: bool = False) -> dict[str, Any]:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise UnsupportedModel(f"{path / 'config.json'} is not valid JSON ({exc})", path=str(path)) from None
-    if not allow_pickle and not any(path.glob("*.safetensors")):
+    if any(path.glob("*.safetensors")):
+        return config
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if not pickled:
+        raise UnsupportedModel(f"{path} has no model weights (*.safetensors)", path=str(path))
+    if not allow_pickle:
         raise UnsupportedModel(
-            f"{path} has no .safetensors weights; pickle checkpoints (.bin) load only with options.allow_pickle=true, "
-            "and only from a source you trust",
-            path=str(path), hint="options.allow_pickle",
+            f"{path} has only pickle weights ({', '.join(pickled[:3])}); loading them can run code: pass "
+            "options.allow_pickle=true, and only for a source you trust",
+            path=str(path), files=pickled, hint="options.allow_pickle",
         )
     return config
 

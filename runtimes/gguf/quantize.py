@@ -1,0 +1,257 @@
+"""GGUF quantization through llama.cpp's own quantizer (llama_model_quantize, via llama-cpp-python).
+
+Why llama.cpp's and not ours: its per-tensor type mixes (Q4_K_M keeps attn_v and ffn_down at
+higher precision in some layers, the output tensor at Q6_K, ...) and its block formats are what
+every GGUF reader expects; re-implementing them would only drift from it.
+
+How it runs: the C call blocks for the whole file and cannot be interrupted, so it runs in a
+thread while the calling thread watches a cancel flag and reports progress. llama.cpp logs one
+"[  i/  n] tensor-name ..." line per tensor; a log callback installed for the call turns those
+into progress steps and collects its warnings (shape fallbacks) and its error message. On cancel
+the caller stops waiting at once and removes the output; the abandoned C call keeps writing into
+the removed file until the (worker) process exits, which frees it.
+
+Shapes: the K-quant types work on blocks of 256 values per row and the others on 32. A tensor
+whose rows do not divide into 256 (every 2-D tensor of builtin:tiny, whose rows have 64 or 192
+values) is stored by llama.cpp in a fallback type instead: q4_K -> q5_0, q5_K -> q5_1,
+q6_K -> q8_0, q2_K/q3_K -> q4_0. Such a file loads and runs; `fallbacks` counts those tensors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtimes.base import UnsupportedModel
+
+ProgressFn = Callable[[int, int, str], None]
+
+# Type name -> llama_ftype (llama.h's LLAMA_FTYPE_MOSTLY_*), the types llama.cpp quantizes without
+# an importance matrix.
+QUANT_TYPES: dict[str, int] = {
+    "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q8_0": 7,
+    "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13,
+    "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
+}
+# Types whose low-bit tensors llama.cpp refuses to make without an importance matrix.
+NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M",
+                 "IQ4_NL", "IQ4_XS", "Q2_K_S")
+
+_TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+_FALLBACK_LINE = re.compile(r"^warning:\s+(\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\).*"
+                            r"falling back to\s+(\S+)")
+_FAILED = "failed to quantize: "
+
+
+class QuantizeError(Exception):
+    """llama.cpp refused or failed; its own message is kept."""
+
+    error_kind = "unsupported_model"
+
+    def __init__(self, message: str, **detail: Any) -> None:
+        super().__init__(message)
+        self.error_detail = detail
+
+
+class QuantizeCancelled(Exception):
+    """The caller's cancel flag was set while llama.cpp was quantizing; the output is gone."""
+
+
+def canonical_type(name: str) -> str:
+    """'q4_k_m' -> 'Q4_K_M'. ValueError names the valid types (and says when an imatrix is the problem)."""
+    upper = name.strip().upper()
+    if upper in QUANT_TYPES:
+        return upper
+    if upper in NEEDS_IMATRIX:
+        raise ValueError(f"{upper} needs an importance matrix (imatrix), which this sidecar does not compute yet; "
+                         f"use one of {', '.join(QUANT_TYPES)} (Q4_K_M is a good default)")
+    raise ValueError(f"unknown quantization type {name!r}; valid types: {', '.join(QUANT_TYPES)}")
+
+
+class _Log:
+    """Collects llama.cpp's log text while one quantization runs (called from the C thread)."""
+
+    def __init__(self) -> None:
+        self.buffer = ""
+        self.lines: list[str] = []
+        self.step = 0
+        self.total = 0
+        self.tensor = ""
+
+    def feed(self, level: int, text: bytes, user_data: Any) -> None:
+        self.buffer += text.decode("utf-8", "replace")
+        *complete, self.buffer = self.buffer.split("\n")
+        self.lines.extend(complete)
+        match = _TENSOR_LINE.match(self.buffer) or (_TENSOR_LINE.match(complete[-1]) if complete else None)
+        if match:  # "[ i/ n] name ..." starts tensor i: i-1 are done
+            self.step, self.total, self.tensor = int(match.group(1)) - 1, int(match.group(2)), match.group(3)
+
+    def error(self) -> str | None:
+        for line in reversed(self.lines + [self.buffer]):
+            if _FAILED in line:
+                return line.split(_FAILED, 1)[1].strip()
+        return None
+
+    def fallbacks(self) -> list[dict[str, Any]]:
+        found = []
+        for line in self.lines:
+            match = _FALLBACK_LINE.match(line)
+            if match:
+                found.append({"tensor": match.group(1), "ncols": int(match.group(2)), "block": int(match.group(3)),
+                              "wanted": match.group(4), "used": match.group(5)})
+        return found
+
+
+_KEEP_ALIVE: list[Any] = []  # callbacks of abandoned (cancelled) calls must outlive them
+
+
+def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int = 0, progress: ProgressFn | None = None,
+                  cancelled: threading.Event | None = None, poll_s: float = 0.1) -> dict[str, Any]:
+    """Quantize the GGUF at src into dst (exactly dst is written, removed again on failure or cancel).
+
+    threads <= 0 lets llama.cpp use every hardware thread. Raises QuantizeCancelled when
+    `cancelled` is set (at most poll_s later), QuantizeError with llama.cpp's message when it
+    refuses (a requantization, an unsupported architecture), OSError(ENOSPC) when the disk filled.
+    """
+    import llama_cpp
+
+    qtype = canonical_type(qtype)
+    src, dst = Path(src), Path(dst)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[qtype]
+    params.nthread = int(threads)
+    log = _Log()
+    callback = llama_cpp.llama_log_callback(log.feed)
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        outcome["rc"] = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+
+    started = time.perf_counter()
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    worker = threading.Thread(target=work, name="llama-quantize", daemon=True)
+    worker.start()
+    reported = -1
+    try:
+        while worker.is_alive():
+            worker.join(poll_s)
+            if cancelled is not None and cancelled.is_set() and worker.is_alive():
+                _KEEP_ALIVE.append(callback)  # the C call still logs through it
+                raise QuantizeCancelled()
+            if progress is not None and log.total and log.step != reported:
+                reported = log.step
+                progress(log.step, log.total, f"quantizing {log.tensor}")
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+    finally:
+        if not worker.is_alive():
+            _restore_default_log(llama_cpp)
+    seconds = time.perf_counter() - started
+    if outcome.get("rc") != 0:
+        try:
+            _raise_failure(log.error() or "llama.cpp gave no reason", src, dst)
+        finally:
+            dst.unlink(missing_ok=True)
+    if progress is not None:
+        progress(log.total, log.total, f"quantized {log.total} tensors to {qtype}")
+    fallbacks = log.fallbacks()
+    return {"type": qtype, "ftype": QUANT_TYPES[qtype], "seconds": round(seconds, 3), "tensors": log.total,
+            "bytes": dst.stat().st_size, "source_bytes": src.stat().st_size, "fallbacks": fallbacks}
+
+
+def _restore_default_log(llama_cpp: Any) -> None:
+    """Hand llama.cpp's log back to llama-cpp-python's own callback (quiet unless verbose)."""
+    from llama_cpp import _logger
+
+    llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def _raise_failure(message: str, src: Path, dst: Path) -> None:
+    import errno
+
+    if "iostream" in message or "write" in message.lower():
+        # llama.cpp's ofstream says only "iostream error"; with its partial output still on disk, a
+        # disk with less room left than a block of tensors is what stopped it
+        if shutil.disk_usage(dst.parent).free < min(src.stat().st_size, 16 << 20):
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {dst.name} (llama.cpp: {message})",
+                          str(dst))
+    if "requires an imatrix" in message:
+        raise QuantizeError(f"llama.cpp: {message}; use a type that needs no importance matrix", reason=message)
+    if "requantizing" in message:
+        raise QuantizeError(f"{src.name} is already quantized (llama.cpp: {message}); quantize its f16/f32 GGUF "
+                            "or the Hugging Face model instead", reason=message)
+    if "unknown model architecture" in message or "failed to load model" in message.lower():
+        raise UnsupportedModel(f"llama.cpp cannot read {src.name}: {message}", reason=message)
+    raise QuantizeError(f"llama.cpp failed to quantize {src.name}: {message}", reason=message)
+
+
+@dataclass(frozen=True)
+class GgufInfo:
+    """What llama.cpp itself reads from a GGUF's header: the chat side of its vocabulary and its tensor types."""
+
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+    add_bos: bool
+    control_tokens: list[str]
+    eog_tokens: list[str]  # the tokens llama.cpp ends generation on
+    tensor_types: dict[str, int]  # e.g. {'F32': 5, 'Q4_K': 12, 'Q6_K': 2}
+
+
+_TYPE_LINE = re.compile(r"- type\s+(\S+):\s+(\d+) tensors")
+
+
+def inspect_gguf(path: Path) -> GgufInfo:
+    """A vocabulary-only load through llama.cpp (no weights; well under a second where gguf-py's
+    reader takes seconds on a 49k-token vocabulary). Tensor types come from its loader's summary."""
+    import llama_cpp
+
+    log = _Log()
+    callback = llama_cpp.llama_log_callback(log.feed)
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    finally:
+        _restore_default_log(llama_cpp)
+    if not model:
+        raise UnsupportedModel(f"llama.cpp cannot read {path}", path=str(path))
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+
+        def text(token: int) -> str:
+            return llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", "replace") if token >= 0 else ""
+
+        tokens = range(llama_cpp.llama_vocab_n_tokens(vocab))
+        template = llama_cpp.llama_model_chat_template(model, None)
+        info = GgufInfo(template.decode("utf-8") if template else None, text(llama_cpp.llama_vocab_bos(vocab)),
+                        text(llama_cpp.llama_vocab_eos(vocab)), bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
+                        [text(t) for t in tokens if llama_cpp.llama_vocab_is_control(vocab, t)],
+                        [text(t) for t in tokens if llama_cpp.llama_vocab_is_eog(vocab, t)],
+                        _tensor_types(log.lines + [log.buffer]))
+    finally:
+        llama_cpp.llama_model_free(model)
+    return info
+
+
+def _tensor_types(lines: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in lines:
+        match = _TYPE_LINE.search(line)
+        if match:
+            counts[match.group(1).upper()] = counts.get(match.group(1).upper(), 0) + int(match.group(2))
+    return dict(sorted(counts.items()))
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each ggml type the file holds, as llama.cpp counts them."""
+    return inspect_gguf(path).tensor_types
