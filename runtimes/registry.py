@@ -10,6 +10,7 @@ from runtimes.base import Runtime, UnsupportedModel
 _RUNTIMES = {
     "transformers": "runtimes.hf.lm:TransformersRuntime",
     "llama.cpp": "runtimes.llama_cpp.lm:LlamaCppRuntime",
+    "onnxruntime": "runtimes.onnx.runtime:OnnxRuntime",
 }
 
 
@@ -25,11 +26,14 @@ def get_runtime(name: str) -> Runtime:
 def pick_runtime(path: Path, requested: str = "auto") -> Runtime:
     if requested not in ("auto", "any"):
         return get_runtime(requested)
+    if (path.is_dir() and (path / "model.onnx").is_file()) or path.suffix == ".onnx":
+        return get_runtime("onnxruntime")  # an ONNX export holds config.json too: the graph decides
     if path.is_dir() and (path / "config.json").exists():
         return get_runtime("transformers")
     if path.suffix == ".gguf":
         return get_runtime("llama.cpp")
     raise UnsupportedModel(
-        f"{path} is neither a Hugging Face model directory (with config.json) nor a .gguf file",
+        f"{path} is neither a Hugging Face model directory (with config.json), a .gguf file nor an ONNX export "
+        "(a directory holding model.onnx)",
         path=str(path),
     )

@@ -62,7 +62,7 @@ _CHUNK = 1 << 20
 # Libraries whose versions go into every manifest; looked up from metadata, never imported.
 _VERSIONED_DISTRIBUTIONS = (
     "mlsidecar", "torch", "transformers", "peft", "safetensors",
-    "gguf", "llama_cpp_python", "coremltools", "msgspec",
+    "gguf", "llama_cpp_python", "coremltools", "onnx", "onnxruntime", "onnxscript", "msgspec",
 )
 
 # One entry per schema version; a database at user_version N gets entries N.. applied in order.
