@@ -87,9 +87,15 @@ class Built:
 
 
 def export(params: m.ExportParams, ctx: Context) -> m.ExportResult:
-    if params.format != "gguf":
-        raise RpcError.invalid_params("params.format", f"{params.format} export is not available in this build yet; "
-                                                       "use gguf")
+    """One method, one exporter per format (handlers/export_coreml.py, handlers/export_onnx.py)."""
+    if params.format == "coreml":
+        from handlers.export_coreml import export_coreml
+
+        return export_coreml(params, ctx)
+    if params.format == "onnx":
+        from handlers.export_onnx import export_onnx
+
+        return export_onnx(params, ctx)
     return export_gguf(params, ctx)
 
 

@@ -21,9 +21,10 @@ from protocol.errors import RpcError
 
 
 def quantize(params: m.QuantizeParams, ctx: Context) -> m.QuantizeResult:
-    if params.format != "gguf":
-        raise RpcError.invalid_params("params.format", f"{params.format} quantization is not available in this build "
-                                                       "yet; use gguf")
+    if params.format == "coreml":
+        from handlers.quantize_coreml import quantize_coreml
+
+        return quantize_coreml(params, ctx)
     return quantize_gguf(params, ctx)
 
 

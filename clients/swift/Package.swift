@@ -16,6 +16,7 @@ let package = Package(
         // are added the same way, one executable target per folder under Sources/.
         .executableTarget(name: "sidecar-chat", dependencies: ["MLSidecar"]),
         .executableTarget(name: "sidecar-bench", dependencies: ["MLSidecar"]),
+        .executableTarget(name: "CoreMLChat", path: "Samples/CoreMLChat"),
         .testTarget(name: "MLSidecarTests", dependencies: ["MLSidecar"]),
     ],
     swiftLanguageModes: [.v6]
