@@ -23,6 +23,7 @@ IMPLEMENTATIONS: dict[str, str] = {
     "merge_lora": "handlers.merge_lora:merge_lora",
     "export": "handlers.export:export",
     "quantize": "handlers.quantize:quantize",
+    "benchmark": "handlers.benchmark:benchmark",
     "debug/sleep": "handlers.debug:sleep",
     "debug/stream": "handlers.debug:stream",
     "debug/crash": "handlers.debug:crash",

@@ -234,7 +234,7 @@ class LoadOptions(Params):
 
 class ModelsLoadParams(Params):
     model: ModelRef
-    runtime: Literal["auto", "transformers", "llama.cpp"] = "auto"
+    runtime: Literal["auto", "transformers", "llama.cpp", "onnxruntime"] = "auto"
     options: LoadOptions = msgspec.field(default_factory=LoadOptions)
     keep_alive: KeepAlive | None = None
 
@@ -245,7 +245,7 @@ class ModelsListResult(Result):
 
 class ModelsUnloadParams(Params):
     model: ModelRef
-    runtime: Literal["any", "transformers", "llama.cpp"] = "any"
+    runtime: Literal["any", "transformers", "llama.cpp", "onnxruntime"] = "any"
 
 
 class ModelsUnloadResult(Result):
@@ -287,7 +287,7 @@ class GenerateParams(Params):
     stream_interval_ms: float = 0.0
     truncate: bool = False
     adapters: list[AdapterRef] = []
-    runtime: Literal["auto", "transformers", "llama.cpp"] = "auto"
+    runtime: Literal["auto", "transformers", "llama.cpp", "onnxruntime"] = "auto"
     options: LoadOptions = msgspec.field(default_factory=LoadOptions)
     keep_alive: KeepAlive | None = None
 
@@ -323,7 +323,7 @@ class EmbedParams(Params):
     truncate: bool = True
     encoding: Literal["float", "base64"] = "float"
     batch_size: int = 32
-    runtime: Literal["auto", "transformers", "llama.cpp"] = "auto"
+    runtime: Literal["auto", "transformers", "llama.cpp", "onnxruntime"] = "auto"
     options: LoadOptions = msgspec.field(default_factory=LoadOptions)
     keep_alive: KeepAlive | None = None
 
@@ -654,6 +654,223 @@ class QuantizeResult(Result):
     files: list[ExportedFile] = []
     warnings: list[str] = []
     quantization_report: dict[str, Any] | None = None
+
+
+# ----- benchmark
+
+
+class BenchmarkModel(Params):
+    """One model of a benchmark; `label` names its row (default: the reference). Adapters are unmerged PEFT
+    adapters on transformers; `device` and `dtype` as for models/load."""
+
+    model: ModelRef
+    runtime: Literal["auto", "transformers", "llama.cpp", "onnxruntime"] = "auto"
+    adapters: list[AdapterRef] = []
+    label: str | None = None
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+
+class BenchmarkPerplexity(Params):
+    """Perplexity on a UTF-8 text file. `sliding`: windows of `context` tokens every `stride` tokens, each
+    scoring only the tokens the previous window did not reach; `chunks`: llama-perplexity's non-overlapping
+    chunks of `context` tokens, the second half of each scored. `max_tokens` keeps only the text's first tokens."""
+
+    data: InputPath
+    method: Literal["sliding", "chunks"] = "sliding"
+    context: int = 512
+    stride: int = 256
+    max_tokens: int | None = None
+
+
+class BenchmarkGolden(Params):
+    """Golden transcripts: `reference` (a label of `models` or a model reference) decodes each prompt greedily
+    for `tokens` tokens; every model is compared free-running and teacher-forced along those tokens."""
+
+    reference: ModelRef
+    prompts: list[str]
+    tokens: int = 64
+
+
+class BenchmarkEmbed(Params):
+    """Texts to embed (a list, or a UTF-8 file with one text per line); compared with the golden reference's
+    embeddings, or the first model's."""
+
+    texts: Union[InputPath, list[str]]
+    batch_size: int = 32
+
+
+class BenchmarkParams(Params):
+    """Speed as llama-bench measures it (pp: one batch of N random prompt tokens; tg: N random tokens decoded one
+    at a time from an empty context), for every model in its own process, with the same threads, OpenMP wait
+    policy and batch sizes; plus perplexity, golden-transcript parity and embeddings when asked."""
+
+    models: list[BenchmarkModel]
+    threads: int | None = None
+    omp_wait_policy: Literal["inherit", "passive", "active"] = "inherit"
+    batch_size: int = 2048
+    ubatch_size: int = 512
+    prompt_tokens: list[int] = msgspec.field(default_factory=lambda: [512])
+    gen_tokens: list[int] = msgspec.field(default_factory=lambda: [128])
+    repetitions: int = 5
+    warmup: int = 1
+    seed: int = 1234
+    perplexity: BenchmarkPerplexity | None = None
+    golden: BenchmarkGolden | None = None
+    embed: BenchmarkEmbed | None = None
+    output: OutputPath | None = None
+    name: ArtifactName | None = None
+
+
+class BenchmarkSettings(Result):
+    """What every row was measured with (identical for all models of a run)."""
+
+    threads: int
+    omp_wait_policy: str
+    batch_size: int
+    ubatch_size: int
+    prompt_tokens: list[int]
+    gen_tokens: list[int]
+    repetitions: int
+    warmup: int
+    seed: int
+
+
+class BenchmarkSpeed(Result):
+    """One llama-bench test: `pp512` or `tg128`; tokens/s per repetition, their mean and sample std."""
+
+    test: str
+    kind: Literal["pp", "tg"]
+    tokens: int
+    mean_tps: float
+    std_tps: float
+    samples_tps: list[float]
+
+
+class BenchmarkLatency(Result):
+    """Time to first token (a prompt of the first pp length, then the first token chosen), and the
+    per-token decode latency percentiles over every tg step of every repetition."""
+
+    ttft_ms: float | None
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+
+
+class BenchmarkPerplexityResult(Result):
+    method: str
+    context: int
+    stride: int | None
+    tokens: int
+    scored: int
+    nll: float
+    ppl: float
+
+
+class BenchmarkParityPrompt(Result):
+    """`first_divergence`: the index of the first generated token that differs from the reference's (null:
+    none in `tokens`); `top1_agreement`: the fraction of positions whose top-1 is the reference's token, fed
+    the reference's tokens."""
+
+    prompt: int
+    tokens: int
+    first_divergence: int | None
+    top1_agreement: float
+    same_prompt_tokens: bool
+
+
+class BenchmarkParity(Result):
+    reference: str
+    prompts: list[BenchmarkParityPrompt]
+    identical: int
+    mean_top1_agreement: float
+
+
+class BenchmarkEmbedResult(Result):
+    texts: int
+    dimensions: int
+    per_s: float
+    reference: str
+    cosine_mean: float | None
+    cosine_min: float | None
+
+
+class BenchmarkMachine(Result):
+    """The machine while the row was measured: CPU time other processes used (in CPUs), the load average,
+    and whether that was enough to slow the numbers (`busy`)."""
+
+    cpus: int
+    foreign_cpus: float | None
+    load_avg_1m: float | None
+    busy: bool
+    note: str | None
+
+
+class BenchmarkChangeTest(Result):
+    test: str
+    previous_mean_tps: float
+    pct: float
+    p_value: float | None
+    significant: bool
+
+
+class BenchmarkChange(Result):
+    """Against the last run of the same model and settings: percent change of the first pp and tg test and
+    whether any test changed significantly (Welch's t-test on the repetitions, two-sided p < 0.05)."""
+
+    previous_run: str
+    previous_created: float
+    pp_pct: float | None
+    tg_pct: float | None
+    significant: bool
+    tests: list[BenchmarkChangeTest]
+    note: str | None = None
+
+
+class BenchmarkError(Result):
+    kind: str
+    message: str
+    code: int
+
+
+class BenchmarkRow(Result):
+    label: str
+    model: str
+    path: str | None
+    runtime: str | None
+    status: Literal["ok", "failed"]
+    error: BenchmarkError | None
+    adapters: list[str]
+    device: str | None
+    dtype: str | None
+    size_bytes: int | None
+    load_s: float | None
+    peak_rss_bytes: int | None
+    gpu_memory_bytes: int | None
+    speed: list[BenchmarkSpeed]
+    latency: BenchmarkLatency | None
+    perplexity: BenchmarkPerplexityResult | None
+    parity: BenchmarkParity | None
+    embed: BenchmarkEmbedResult | None
+    settings: BenchmarkSettings
+    machine: BenchmarkMachine | None
+    key: str
+    change: BenchmarkChange | None
+
+
+class BenchmarkFiles(Result):
+    report_json: str
+    report_md: str
+    chart_png: str | None
+
+
+class BenchmarkResult(Result):
+    artifact: Artifact
+    rows: list[BenchmarkRow]
+    markdown: str
+    settings: BenchmarkSettings
+    files: BenchmarkFiles
+    seconds: float
 
 
 # ----- diagnostic methods (only with --debug): exercise the job engine before the real long methods exist

@@ -36,6 +36,7 @@ METHODS: dict[str, MethodContract] = {
     "merge_lora": MethodContract(m.MergeLoraParams, m.MergeLoraResult, "worker", "Fold PEFT LoRA/DoRA adapters (each with a weight) into the base model and verify the merge."),
     "export": MethodContract(m.ExportParams, m.ExportResult, "worker", "Export a model (optionally with adapters, merged or beside it) to GGUF (with a Modelfile), Core ML or ONNX, with a model card."),
     "quantize": MethodContract(m.QuantizeParams, m.QuantizeResult, "worker", "Quantize a model: a GGUF type through llama.cpp, or Core ML palettization / linear quantization."),
+    "benchmark": MethodContract(m.BenchmarkParams, m.BenchmarkResult, "worker", "Measure models side by side: llama-bench speed (pp/tg), latency, memory, perplexity, golden-transcript parity and embeddings, with history and significance."),
     "debug/sleep": MethodContract(m.DebugSleepParams, m.DebugSleepResult, "worker", "Diagnostic long job: sleeps in a worker with progress.", debug=True),
     "debug/stream": MethodContract(m.DebugStreamParams, m.DebugStreamResult, "sidecar", "Diagnostic: streams tokens from the sidecar process.", debug=True),
     "debug/crash": MethodContract(m.DebugCrashParams, m.EmptyResult, "worker", "Diagnostic: kills its own worker process.", debug=True),

@@ -33,6 +33,11 @@ export declare abstract class SidecarMethods {
   /** Artifacts in the registry, newest first. */
   artifactsList(params?: P.ArtifactsListParams, options?: CallOptions): Promise<P.ArtifactsListResult>;
   /**
+   * Measure models side by side: llama-bench speed (pp/tg), latency, memory, perplexity, golden-transcript parity and embeddings, with history and significance.
+   * Runs in a worker process, through the job queue.
+   */
+  benchmark(params: P.BenchmarkParams, options?: CallOptions): Promise<P.BenchmarkResult>;
+  /**
    * Detect a dataset's format, count its rows and tokens, show rendered samples and list its problems.
    * Runs in a worker process, through the job queue.
    */

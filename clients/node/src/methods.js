@@ -8,6 +8,7 @@ export const PROTOCOL_VERSION = "2026-11-01";
 export const METHODS = Object.freeze({
   "artifacts/get": { runsIn: "sidecar", debugOnly: false, summary: "One artifact of the registry by id." },
   "artifacts/list": { runsIn: "sidecar", debugOnly: false, summary: "Artifacts in the registry, newest first." },
+  "benchmark": { runsIn: "worker", debugOnly: false, summary: "Measure models side by side: llama-bench speed (pp/tg), latency, memory, perplexity, golden-transcript parity and embeddings, with history and significance." },
   "datasets/inspect": { runsIn: "worker", debugOnly: false, summary: "Detect a dataset's format, count its rows and tokens, show rendered samples and list its problems." },
   "debug/crash": { runsIn: "worker", debugOnly: true, summary: "Diagnostic: kills its own worker process." },
   "debug/print": { runsIn: "sidecar", debugOnly: true, summary: "Diagnostic: writes to fd 1 from the sidecar and from a child process." },
@@ -65,6 +66,7 @@ export const ERROR_KINDS = Object.freeze([
   "timeout",
   "unsupported_device",
   "unsupported_model",
+  "verification_failed",
   "worker_crashed",
 ]);
 
@@ -78,6 +80,14 @@ export class SidecarMethods {
   /** Artifacts in the registry, newest first. */
   artifactsList(params, options) {
     return this.call("artifacts/list", params, options);
+  }
+
+  /**
+   * Measure models side by side: llama-bench speed (pp/tg), latency, memory, perplexity, golden-transcript parity and embeddings, with history and significance.
+   * Runs in a worker process, through the job queue.
+   */
+  benchmark(params, options) {
+    return this.call("benchmark", params, options);
   }
 
   /**

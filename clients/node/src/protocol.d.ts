@@ -38,6 +38,242 @@ export interface ArtifactsListResult {
   artifacts: Artifact[];
 }
 
+/**
+ * Against the last run of the same model and settings: percent change of the first pp and tg test and
+ * whether any test changed significantly (Welch's t-test on the repetitions, two-sided p < 0.05).
+ */
+export interface BenchmarkChange {
+  note?: string | null;
+  pp_pct: number | null;
+  previous_created: number;
+  previous_run: string;
+  significant: boolean;
+  tests: BenchmarkChangeTest[];
+  tg_pct: number | null;
+}
+
+export interface BenchmarkChangeTest {
+  p_value: number | null;
+  pct: number;
+  previous_mean_tps: number;
+  significant: boolean;
+  test: string;
+}
+
+/**
+ * Texts to embed (a list, or a UTF-8 file with one text per line); compared with the golden reference's
+ * embeddings, or the first model's.
+ */
+export interface BenchmarkEmbed {
+  /** @default 32 */
+  batch_size?: number;
+  texts: string | string[];
+}
+
+export interface BenchmarkEmbedResult {
+  cosine_mean: number | null;
+  cosine_min: number | null;
+  dimensions: number;
+  per_s: number;
+  reference: string;
+  texts: number;
+}
+
+export interface BenchmarkError {
+  code: number;
+  kind: string;
+  message: string;
+}
+
+export interface BenchmarkFiles {
+  chart_png: string | null;
+  report_json: string;
+  report_md: string;
+}
+
+/**
+ * Golden transcripts: `reference` (a label of `models` or a model reference) decodes each prompt greedily
+ * for `tokens` tokens; every model is compared free-running and teacher-forced along those tokens.
+ */
+export interface BenchmarkGolden {
+  prompts: string[];
+  reference: string;
+  /** @default 64 */
+  tokens?: number;
+}
+
+/**
+ * Time to first token (a prompt of the first pp length, then the first token chosen), and the
+ * per-token decode latency percentiles over every tg step of every repetition.
+ */
+export interface BenchmarkLatency {
+  p50_ms: number | null;
+  p90_ms: number | null;
+  p99_ms: number | null;
+  ttft_ms: number | null;
+}
+
+/**
+ * The machine while the row was measured: CPU time other processes used (in CPUs), the load average,
+ * and whether that was enough to slow the numbers (`busy`).
+ */
+export interface BenchmarkMachine {
+  busy: boolean;
+  cpus: number;
+  foreign_cpus: number | null;
+  load_avg_1m: number | null;
+  note: string | null;
+}
+
+/**
+ * One model of a benchmark; `label` names its row (default: the reference). Adapters are unmerged PEFT
+ * adapters on transformers; `device` and `dtype` as for models/load.
+ */
+export interface BenchmarkModel {
+  /** @default [] */
+  adapters?: AdapterRef[];
+  /** @default "auto" */
+  device?: string;
+  /** @default "auto" */
+  dtype?: "auto" | "bfloat16" | "float16" | "float32";
+  label?: string | null;
+  model: string;
+  /** @default "auto" */
+  runtime?: "auto" | "llama.cpp" | "onnxruntime" | "transformers";
+}
+
+/**
+ * Speed as llama-bench measures it (pp: one batch of N random prompt tokens; tg: N random tokens decoded one
+ * at a time from an empty context), for every model in its own process, with the same threads, OpenMP wait
+ * policy and batch sizes; plus perplexity, golden-transcript parity and embeddings when asked.
+ */
+export interface BenchmarkParams {
+  /** @default 2048 */
+  batch_size?: number;
+  embed?: BenchmarkEmbed | null;
+  gen_tokens?: number[];
+  golden?: BenchmarkGolden | null;
+  models: BenchmarkModel[];
+  name?: string | null;
+  /** @default "inherit" */
+  omp_wait_policy?: "active" | "inherit" | "passive";
+  output?: string | null;
+  perplexity?: BenchmarkPerplexity | null;
+  prompt_tokens?: number[];
+  /** @default 5 */
+  repetitions?: number;
+  /** @default 1234 */
+  seed?: number;
+  threads?: number | null;
+  /** @default 512 */
+  ubatch_size?: number;
+  /** @default 1 */
+  warmup?: number;
+}
+
+export interface BenchmarkParity {
+  identical: number;
+  mean_top1_agreement: number;
+  prompts: BenchmarkParityPrompt[];
+  reference: string;
+}
+
+/**
+ * `first_divergence`: the index of the first generated token that differs from the reference's (null:
+ * none in `tokens`); `top1_agreement`: the fraction of positions whose top-1 is the reference's token, fed
+ * the reference's tokens.
+ */
+export interface BenchmarkParityPrompt {
+  first_divergence: number | null;
+  prompt: number;
+  same_prompt_tokens: boolean;
+  tokens: number;
+  top1_agreement: number;
+}
+
+/**
+ * Perplexity on a UTF-8 text file. `sliding`: windows of `context` tokens every `stride` tokens, each
+ * scoring only the tokens the previous window did not reach; `chunks`: llama-perplexity's non-overlapping
+ * chunks of `context` tokens, the second half of each scored. `max_tokens` keeps only the text's first tokens.
+ */
+export interface BenchmarkPerplexity {
+  /** @default 512 */
+  context?: number;
+  data: string;
+  max_tokens?: number | null;
+  /** @default "sliding" */
+  method?: "chunks" | "sliding";
+  /** @default 256 */
+  stride?: number;
+}
+
+export interface BenchmarkPerplexityResult {
+  context: number;
+  method: string;
+  nll: number;
+  ppl: number;
+  scored: number;
+  stride: number | null;
+  tokens: number;
+}
+
+export interface BenchmarkResult {
+  artifact: Artifact;
+  files: BenchmarkFiles;
+  markdown: string;
+  rows: BenchmarkRow[];
+  seconds: number;
+  settings: BenchmarkSettings;
+}
+
+export interface BenchmarkRow {
+  adapters: string[];
+  change: BenchmarkChange | null;
+  device: string | null;
+  dtype: string | null;
+  embed: BenchmarkEmbedResult | null;
+  error: BenchmarkError | null;
+  gpu_memory_bytes: number | null;
+  key: string;
+  label: string;
+  latency: BenchmarkLatency | null;
+  load_s: number | null;
+  machine: BenchmarkMachine | null;
+  model: string;
+  parity: BenchmarkParity | null;
+  path: string | null;
+  peak_rss_bytes: number | null;
+  perplexity: BenchmarkPerplexityResult | null;
+  runtime: string | null;
+  settings: BenchmarkSettings;
+  size_bytes: number | null;
+  speed: BenchmarkSpeed[];
+  status: "failed" | "ok";
+}
+
+/** What every row was measured with (identical for all models of a run). */
+export interface BenchmarkSettings {
+  batch_size: number;
+  gen_tokens: number[];
+  omp_wait_policy: string;
+  prompt_tokens: number[];
+  repetitions: number;
+  seed: number;
+  threads: number;
+  ubatch_size: number;
+  warmup: number;
+}
+
+/** One llama-bench test: `pp512` or `tg128`; tokens/s per repetition, their mean and sample std. */
+export interface BenchmarkSpeed {
+  kind: "pp" | "tg";
+  mean_tps: number;
+  samples_tps: number[];
+  std_tps: number;
+  test: string;
+  tokens: number;
+}
+
 /** `$/cancel` (host -> sidecar): unknown or finished ids are ignored. */
 export interface CancelParams {
   id: number | string;
@@ -200,7 +436,7 @@ export interface EmbedParams {
   options?: LoadOptions;
   pooling?: "cls" | "last" | "mean" | null;
   /** @default "auto" */
-  runtime?: "auto" | "llama.cpp" | "transformers";
+  runtime?: "auto" | "llama.cpp" | "onnxruntime" | "transformers";
   /** @default true */
   truncate?: boolean;
 }
@@ -306,7 +542,7 @@ export interface GenerateParams {
   /** @default 1.0 */
   repeat_penalty?: number;
   /** @default "auto" */
-  runtime?: "auto" | "llama.cpp" | "transformers";
+  runtime?: "auto" | "llama.cpp" | "onnxruntime" | "transformers";
   seed?: number | null;
   /** @default [] */
   stop?: string[];
@@ -442,13 +678,13 @@ export interface ModelsLoadParams {
   model: string;
   options?: LoadOptions;
   /** @default "auto" */
-  runtime?: "auto" | "llama.cpp" | "transformers";
+  runtime?: "auto" | "llama.cpp" | "onnxruntime" | "transformers";
 }
 
 export interface ModelsUnloadParams {
   model: string;
   /** @default "any" */
-  runtime?: "any" | "llama.cpp" | "transformers";
+  runtime?: "any" | "llama.cpp" | "onnxruntime" | "transformers";
 }
 
 export interface ModelsUnloadResult {
@@ -675,6 +911,11 @@ export interface Methods {
   /** Artifacts in the registry, newest first. */
   "artifacts/list": { params: ArtifactsListParams; result: ArtifactsListResult };
   /**
+   * Measure models side by side: llama-bench speed (pp/tg), latency, memory, perplexity, golden-transcript parity and embeddings, with history and significance.
+   * Runs in a worker process, through the job queue.
+   */
+  "benchmark": { params: BenchmarkParams; result: BenchmarkResult };
+  /**
    * Detect a dataset's format, count its rows and tokens, show rendered samples and list its problems.
    * Runs in a worker process, through the job queue.
    */
@@ -767,4 +1008,4 @@ export type ErrorCodeName = "BUSY" | "CANCELLED" | "INTERNAL_ERROR" | "INVALID_P
 export type ErrorCodeValue = -32001 | -32800 | -32603 | -32602 | -32600 | -32601 | -32002 | -32700 | -32803;
 
 /** `error.data.kind` of a -32803 (request failed) error. */
-export type ErrorKind = "adapter_invalid" | "adapter_mismatch" | "artifact_exists" | "artifact_not_found" | "checkpoint_invalid" | "dataset_invalid" | "disk_full" | "file_not_found" | "input_empty" | "input_too_long" | "internal" | "model_not_found" | "no_chat_template" | "out_of_memory" | "path_not_allowed" | "prompt_too_long" | "registry_unavailable" | "result_too_large" | "shutting_down" | "timeout" | "unsupported_device" | "unsupported_model" | "worker_crashed";
+export type ErrorKind = "adapter_invalid" | "adapter_mismatch" | "artifact_exists" | "artifact_not_found" | "checkpoint_invalid" | "dataset_invalid" | "disk_full" | "file_not_found" | "input_empty" | "input_too_long" | "internal" | "model_not_found" | "no_chat_template" | "out_of_memory" | "path_not_allowed" | "prompt_too_long" | "registry_unavailable" | "result_too_large" | "shutting_down" | "timeout" | "unsupported_device" | "unsupported_model" | "verification_failed" | "worker_crashed";

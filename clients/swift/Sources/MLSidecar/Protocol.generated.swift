@@ -49,6 +49,7 @@ public struct ErrorKind: StringEnum {
     public static let timeout: Self = "timeout"
     public static let unsupportedDevice: Self = "unsupported_device"
     public static let unsupportedModel: Self = "unsupported_model"
+    public static let verificationFailed: Self = "verification_failed"
     public static let workerCrashed: Self = "worker_crashed"
 }
 
@@ -89,6 +90,11 @@ extension SidecarClient {
     /// `artifacts/list`, runs in the sidecar.
     public func artifactsList(_ params: ArtifactsListParams = .init(), timeout: Duration? = nil) -> RequestStream<ArtifactsListResult> {
         request("artifacts/list", params: params, as: ArtifactsListResult.self, timeout: timeout)
+    }
+    /// Measure models side by side: llama-bench speed (pp/tg), latency, memory, perplexity, golden-transcript parity and embeddings, with history and significance.
+    /// `benchmark`, runs in the worker.
+    public func benchmark(_ params: BenchmarkParams, timeout: Duration? = nil) -> RequestStream<BenchmarkResult> {
+        request("benchmark", params: params, as: BenchmarkResult.self, timeout: timeout)
     }
     /// Detect a dataset's format, count its rows and tokens, show rendered samples and list its problems.
     /// `datasets/inspect`, runs in the worker.
@@ -284,6 +290,615 @@ public struct ArtifactsListResult: Codable, Hashable, Sendable {
     }
     enum CodingKeys: String, CodingKey {
         case artifacts
+    }
+}
+
+/// Against the last run of the same model and settings: percent change of the first pp and tg test and
+/// whether any test changed significantly (Welch's t-test on the repetitions, two-sided p < 0.05).
+public struct BenchmarkChange: Codable, Hashable, Sendable {
+    public var previousRun: String
+    public var previousCreated: Double
+    public var ppPct: Double?
+    public var tgPct: Double?
+    public var significant: Bool
+    public var tests: [BenchmarkChangeTest]
+    /// Default: `null`.
+    public var note: String?
+    public init(previousRun: String, previousCreated: Double, ppPct: Double?, tgPct: Double?, significant: Bool, tests: [BenchmarkChangeTest], note: String? = nil) {
+        self.previousRun = previousRun
+        self.previousCreated = previousCreated
+        self.ppPct = ppPct
+        self.tgPct = tgPct
+        self.significant = significant
+        self.tests = tests
+        self.note = note
+    }
+    enum CodingKeys: String, CodingKey {
+        case previousRun = "previous_run"
+        case previousCreated = "previous_created"
+        case ppPct = "pp_pct"
+        case tgPct = "tg_pct"
+        case significant
+        case tests
+        case note
+    }
+}
+
+public struct BenchmarkChangeTest: Codable, Hashable, Sendable {
+    public var test: String
+    public var previousMeanTps: Double
+    public var pct: Double
+    public var pValue: Double?
+    public var significant: Bool
+    public init(test: String, previousMeanTps: Double, pct: Double, pValue: Double?, significant: Bool) {
+        self.test = test
+        self.previousMeanTps = previousMeanTps
+        self.pct = pct
+        self.pValue = pValue
+        self.significant = significant
+    }
+    enum CodingKeys: String, CodingKey {
+        case test
+        case previousMeanTps = "previous_mean_tps"
+        case pct
+        case pValue = "p_value"
+        case significant
+    }
+}
+
+/// Texts to embed (a list, or a UTF-8 file with one text per line); compared with the golden reference's
+/// embeddings, or the first model's.
+public struct BenchmarkEmbed: Codable, Hashable, Sendable {
+    public var texts: Texts
+    /// Default: `32`.
+    public var batchSize: Int?
+    public init(texts: Texts, batchSize: Int? = nil) {
+        self.texts = texts
+        self.batchSize = batchSize
+    }
+    enum CodingKeys: String, CodingKey {
+        case texts
+        case batchSize = "batch_size"
+    }
+    public enum Texts: Codable, Hashable, Sendable, ExpressibleByStringLiteral, ExpressibleByArrayLiteral {
+        case string(String)
+        case array([String])
+        public init(stringLiteral value: String) { self = .string(value) }
+        public init(arrayLiteral elements: String...) { self = .array(elements) }
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.singleValueContainer()
+            if let v = try? c.decode(String.self) { self = .string(v); return }
+            if let v = try? c.decode([String].self) { self = .array(v); return }
+            throw DecodingError.dataCorruptedError(in: c, debugDescription: "expected string, array")
+        }
+        public func encode(to encoder: any Encoder) throws {
+            var c = encoder.singleValueContainer()
+            switch self {
+            case .string(let v): try c.encode(v)
+            case .array(let v): try c.encode(v)
+            }
+        }
+    }
+}
+
+public struct BenchmarkEmbedResult: Codable, Hashable, Sendable {
+    public var texts: Int
+    public var dimensions: Int
+    public var perS: Double
+    public var reference: String
+    public var cosineMean: Double?
+    public var cosineMin: Double?
+    public init(texts: Int, dimensions: Int, perS: Double, reference: String, cosineMean: Double?, cosineMin: Double?) {
+        self.texts = texts
+        self.dimensions = dimensions
+        self.perS = perS
+        self.reference = reference
+        self.cosineMean = cosineMean
+        self.cosineMin = cosineMin
+    }
+    enum CodingKeys: String, CodingKey {
+        case texts
+        case dimensions
+        case perS = "per_s"
+        case reference
+        case cosineMean = "cosine_mean"
+        case cosineMin = "cosine_min"
+    }
+}
+
+public struct BenchmarkError: Codable, Hashable, Sendable {
+    public var kind: String
+    public var message: String
+    public var code: Int
+    public init(kind: String, message: String, code: Int) {
+        self.kind = kind
+        self.message = message
+        self.code = code
+    }
+    enum CodingKeys: String, CodingKey {
+        case kind
+        case message
+        case code
+    }
+}
+
+public struct BenchmarkFiles: Codable, Hashable, Sendable {
+    public var reportJson: String
+    public var reportMd: String
+    public var chartPng: String?
+    public init(reportJson: String, reportMd: String, chartPng: String?) {
+        self.reportJson = reportJson
+        self.reportMd = reportMd
+        self.chartPng = chartPng
+    }
+    enum CodingKeys: String, CodingKey {
+        case reportJson = "report_json"
+        case reportMd = "report_md"
+        case chartPng = "chart_png"
+    }
+}
+
+/// Golden transcripts: `reference` (a label of `models` or a model reference) decodes each prompt greedily
+/// for `tokens` tokens; every model is compared free-running and teacher-forced along those tokens.
+public struct BenchmarkGolden: Codable, Hashable, Sendable {
+    public var reference: String
+    public var prompts: [String]
+    /// Default: `64`.
+    public var tokens: Int?
+    public init(reference: String, prompts: [String], tokens: Int? = nil) {
+        self.reference = reference
+        self.prompts = prompts
+        self.tokens = tokens
+    }
+    enum CodingKeys: String, CodingKey {
+        case reference
+        case prompts
+        case tokens
+    }
+}
+
+/// Time to first token (a prompt of the first pp length, then the first token chosen), and the
+/// per-token decode latency percentiles over every tg step of every repetition.
+public struct BenchmarkLatency: Codable, Hashable, Sendable {
+    public var ttftMs: Double?
+    public var p50Ms: Double?
+    public var p90Ms: Double?
+    public var p99Ms: Double?
+    public init(ttftMs: Double?, p50Ms: Double?, p90Ms: Double?, p99Ms: Double?) {
+        self.ttftMs = ttftMs
+        self.p50Ms = p50Ms
+        self.p90Ms = p90Ms
+        self.p99Ms = p99Ms
+    }
+    enum CodingKeys: String, CodingKey {
+        case ttftMs = "ttft_ms"
+        case p50Ms = "p50_ms"
+        case p90Ms = "p90_ms"
+        case p99Ms = "p99_ms"
+    }
+}
+
+/// The machine while the row was measured: CPU time other processes used (in CPUs), the load average,
+/// and whether that was enough to slow the numbers (`busy`).
+public struct BenchmarkMachine: Codable, Hashable, Sendable {
+    public var cpus: Int
+    public var foreignCpus: Double?
+    public var loadAvg1m: Double?
+    public var busy: Bool
+    public var note: String?
+    public init(cpus: Int, foreignCpus: Double?, loadAvg1m: Double?, busy: Bool, note: String?) {
+        self.cpus = cpus
+        self.foreignCpus = foreignCpus
+        self.loadAvg1m = loadAvg1m
+        self.busy = busy
+        self.note = note
+    }
+    enum CodingKeys: String, CodingKey {
+        case cpus
+        case foreignCpus = "foreign_cpus"
+        case loadAvg1m = "load_avg_1m"
+        case busy
+        case note
+    }
+}
+
+/// One model of a benchmark; `label` names its row (default: the reference). Adapters are unmerged PEFT
+/// adapters on transformers; `device` and `dtype` as for models/load.
+public struct BenchmarkModel: Codable, Hashable, Sendable {
+    public var model: String
+    /// Default: `[]`.
+    public var adapters: [AdapterRef]?
+    /// Default: `"auto"`.
+    public var device: String?
+    /// Default: `"auto"`.
+    public var dtype: Dtype?
+    /// Default: `null`.
+    public var label: String?
+    /// Default: `"auto"`.
+    public var runtime: Runtime?
+    public init(model: String, adapters: [AdapterRef]? = nil, device: String? = nil, dtype: Dtype? = nil, label: String? = nil, runtime: Runtime? = nil) {
+        self.model = model
+        self.adapters = adapters
+        self.device = device
+        self.dtype = dtype
+        self.label = label
+        self.runtime = runtime
+    }
+    enum CodingKeys: String, CodingKey {
+        case model
+        case adapters
+        case device
+        case dtype
+        case label
+        case runtime
+    }
+    public struct Dtype: StringEnum {
+        public let rawValue: String
+        public init(rawValue: String) { self.rawValue = rawValue }
+        public static let auto: Self = "auto"
+        public static let bfloat16: Self = "bfloat16"
+        public static let float16: Self = "float16"
+        public static let float32: Self = "float32"
+    }
+    public struct Runtime: StringEnum {
+        public let rawValue: String
+        public init(rawValue: String) { self.rawValue = rawValue }
+        public static let auto: Self = "auto"
+        public static let llamaCpp: Self = "llama.cpp"
+        public static let onnxruntime: Self = "onnxruntime"
+        public static let transformers: Self = "transformers"
+    }
+}
+
+/// Speed as llama-bench measures it (pp: one batch of N random prompt tokens; tg: N random tokens decoded one
+/// at a time from an empty context), for every model in its own process, with the same threads, OpenMP wait
+/// policy and batch sizes; plus perplexity, golden-transcript parity and embeddings when asked.
+public struct BenchmarkParams: Codable, Hashable, Sendable {
+    public var models: [BenchmarkModel]
+    /// Default: `2048`.
+    public var batchSize: Int?
+    /// Default: `null`.
+    public var embed: BenchmarkEmbed?
+    public var genTokens: [Int]?
+    /// Default: `null`.
+    public var golden: BenchmarkGolden?
+    /// Default: `null`.
+    public var name: String?
+    /// Default: `"inherit"`.
+    public var ompWaitPolicy: OmpWaitPolicy?
+    /// Default: `null`.
+    public var output: String?
+    /// Default: `null`.
+    public var perplexity: BenchmarkPerplexity?
+    public var promptTokens: [Int]?
+    /// Default: `5`.
+    public var repetitions: Int?
+    /// Default: `1234`.
+    public var seed: Int?
+    /// Default: `null`.
+    public var threads: Int?
+    /// Default: `512`.
+    public var ubatchSize: Int?
+    /// Default: `1`.
+    public var warmup: Int?
+    public init(models: [BenchmarkModel], batchSize: Int? = nil, embed: BenchmarkEmbed? = nil, genTokens: [Int]? = nil, golden: BenchmarkGolden? = nil, name: String? = nil, ompWaitPolicy: OmpWaitPolicy? = nil, output: String? = nil, perplexity: BenchmarkPerplexity? = nil, promptTokens: [Int]? = nil, repetitions: Int? = nil, seed: Int? = nil, threads: Int? = nil, ubatchSize: Int? = nil, warmup: Int? = nil) {
+        self.models = models
+        self.batchSize = batchSize
+        self.embed = embed
+        self.genTokens = genTokens
+        self.golden = golden
+        self.name = name
+        self.ompWaitPolicy = ompWaitPolicy
+        self.output = output
+        self.perplexity = perplexity
+        self.promptTokens = promptTokens
+        self.repetitions = repetitions
+        self.seed = seed
+        self.threads = threads
+        self.ubatchSize = ubatchSize
+        self.warmup = warmup
+    }
+    enum CodingKeys: String, CodingKey {
+        case models
+        case batchSize = "batch_size"
+        case embed
+        case genTokens = "gen_tokens"
+        case golden
+        case name
+        case ompWaitPolicy = "omp_wait_policy"
+        case output
+        case perplexity
+        case promptTokens = "prompt_tokens"
+        case repetitions
+        case seed
+        case threads
+        case ubatchSize = "ubatch_size"
+        case warmup
+    }
+    public struct OmpWaitPolicy: StringEnum {
+        public let rawValue: String
+        public init(rawValue: String) { self.rawValue = rawValue }
+        public static let active: Self = "active"
+        public static let inherit: Self = "inherit"
+        public static let passive: Self = "passive"
+    }
+}
+
+public struct BenchmarkParity: Codable, Hashable, Sendable {
+    public var reference: String
+    public var prompts: [BenchmarkParityPrompt]
+    public var identical: Int
+    public var meanTop1Agreement: Double
+    public init(reference: String, prompts: [BenchmarkParityPrompt], identical: Int, meanTop1Agreement: Double) {
+        self.reference = reference
+        self.prompts = prompts
+        self.identical = identical
+        self.meanTop1Agreement = meanTop1Agreement
+    }
+    enum CodingKeys: String, CodingKey {
+        case reference
+        case prompts
+        case identical
+        case meanTop1Agreement = "mean_top1_agreement"
+    }
+}
+
+/// `first_divergence`: the index of the first generated token that differs from the reference's (null:
+/// none in `tokens`); `top1_agreement`: the fraction of positions whose top-1 is the reference's token, fed
+/// the reference's tokens.
+public struct BenchmarkParityPrompt: Codable, Hashable, Sendable {
+    public var prompt: Int
+    public var tokens: Int
+    public var firstDivergence: Int?
+    public var top1Agreement: Double
+    public var samePromptTokens: Bool
+    public init(prompt: Int, tokens: Int, firstDivergence: Int?, top1Agreement: Double, samePromptTokens: Bool) {
+        self.prompt = prompt
+        self.tokens = tokens
+        self.firstDivergence = firstDivergence
+        self.top1Agreement = top1Agreement
+        self.samePromptTokens = samePromptTokens
+    }
+    enum CodingKeys: String, CodingKey {
+        case prompt
+        case tokens
+        case firstDivergence = "first_divergence"
+        case top1Agreement = "top1_agreement"
+        case samePromptTokens = "same_prompt_tokens"
+    }
+}
+
+/// Perplexity on a UTF-8 text file. `sliding`: windows of `context` tokens every `stride` tokens, each
+/// scoring only the tokens the previous window did not reach; `chunks`: llama-perplexity's non-overlapping
+/// chunks of `context` tokens, the second half of each scored. `max_tokens` keeps only the text's first tokens.
+public struct BenchmarkPerplexity: Codable, Hashable, Sendable {
+    public var data: String
+    /// Default: `512`.
+    public var context: Int?
+    /// Default: `null`.
+    public var maxTokens: Int?
+    /// Default: `"sliding"`.
+    public var method: Method?
+    /// Default: `256`.
+    public var stride: Int?
+    public init(data: String, context: Int? = nil, maxTokens: Int? = nil, method: Method? = nil, stride: Int? = nil) {
+        self.data = data
+        self.context = context
+        self.maxTokens = maxTokens
+        self.method = method
+        self.stride = stride
+    }
+    enum CodingKeys: String, CodingKey {
+        case data
+        case context
+        case maxTokens = "max_tokens"
+        case method
+        case stride
+    }
+    public struct Method: StringEnum {
+        public let rawValue: String
+        public init(rawValue: String) { self.rawValue = rawValue }
+        public static let chunks: Self = "chunks"
+        public static let sliding: Self = "sliding"
+    }
+}
+
+public struct BenchmarkPerplexityResult: Codable, Hashable, Sendable {
+    public var method: String
+    public var context: Int
+    public var stride: Int?
+    public var tokens: Int
+    public var scored: Int
+    public var nll: Double
+    public var ppl: Double
+    public init(method: String, context: Int, stride: Int?, tokens: Int, scored: Int, nll: Double, ppl: Double) {
+        self.method = method
+        self.context = context
+        self.stride = stride
+        self.tokens = tokens
+        self.scored = scored
+        self.nll = nll
+        self.ppl = ppl
+    }
+    enum CodingKeys: String, CodingKey {
+        case method
+        case context
+        case stride
+        case tokens
+        case scored
+        case nll
+        case ppl
+    }
+}
+
+public struct BenchmarkResult: Codable, Hashable, Sendable {
+    public var artifact: Artifact
+    public var rows: [BenchmarkRow]
+    public var markdown: String
+    public var settings: BenchmarkSettings
+    public var files: BenchmarkFiles
+    public var seconds: Double
+    public init(artifact: Artifact, rows: [BenchmarkRow], markdown: String, settings: BenchmarkSettings, files: BenchmarkFiles, seconds: Double) {
+        self.artifact = artifact
+        self.rows = rows
+        self.markdown = markdown
+        self.settings = settings
+        self.files = files
+        self.seconds = seconds
+    }
+    enum CodingKeys: String, CodingKey {
+        case artifact
+        case rows
+        case markdown
+        case settings
+        case files
+        case seconds
+    }
+}
+
+public struct BenchmarkRow: Codable, Hashable, Sendable {
+    public var label: String
+    public var model: String
+    public var path: String?
+    public var runtime: String?
+    public var status: Status
+    public var error: BenchmarkError?
+    public var adapters: [String]
+    public var device: String?
+    public var dtype: String?
+    public var sizeBytes: Int?
+    public var loadS: Double?
+    public var peakRssBytes: Int?
+    public var gpuMemoryBytes: Int?
+    public var speed: [BenchmarkSpeed]
+    public var latency: BenchmarkLatency?
+    public var perplexity: BenchmarkPerplexityResult?
+    public var parity: BenchmarkParity?
+    public var embed: BenchmarkEmbedResult?
+    public var settings: BenchmarkSettings
+    public var machine: BenchmarkMachine?
+    public var key: String
+    public var change: BenchmarkChange?
+    public init(label: String, model: String, path: String?, runtime: String?, status: Status, error: BenchmarkError?, adapters: [String], device: String?, dtype: String?, sizeBytes: Int?, loadS: Double?, peakRssBytes: Int?, gpuMemoryBytes: Int?, speed: [BenchmarkSpeed], latency: BenchmarkLatency?, perplexity: BenchmarkPerplexityResult?, parity: BenchmarkParity?, embed: BenchmarkEmbedResult?, settings: BenchmarkSettings, machine: BenchmarkMachine?, key: String, change: BenchmarkChange?) {
+        self.label = label
+        self.model = model
+        self.path = path
+        self.runtime = runtime
+        self.status = status
+        self.error = error
+        self.adapters = adapters
+        self.device = device
+        self.dtype = dtype
+        self.sizeBytes = sizeBytes
+        self.loadS = loadS
+        self.peakRssBytes = peakRssBytes
+        self.gpuMemoryBytes = gpuMemoryBytes
+        self.speed = speed
+        self.latency = latency
+        self.perplexity = perplexity
+        self.parity = parity
+        self.embed = embed
+        self.settings = settings
+        self.machine = machine
+        self.key = key
+        self.change = change
+    }
+    enum CodingKeys: String, CodingKey {
+        case label
+        case model
+        case path
+        case runtime
+        case status
+        case error
+        case adapters
+        case device
+        case dtype
+        case sizeBytes = "size_bytes"
+        case loadS = "load_s"
+        case peakRssBytes = "peak_rss_bytes"
+        case gpuMemoryBytes = "gpu_memory_bytes"
+        case speed
+        case latency
+        case perplexity
+        case parity
+        case embed
+        case settings
+        case machine
+        case key
+        case change
+    }
+    public struct Status: StringEnum {
+        public let rawValue: String
+        public init(rawValue: String) { self.rawValue = rawValue }
+        public static let failed: Self = "failed"
+        public static let ok: Self = "ok"
+    }
+}
+
+/// What every row was measured with (identical for all models of a run).
+public struct BenchmarkSettings: Codable, Hashable, Sendable {
+    public var threads: Int
+    public var ompWaitPolicy: String
+    public var batchSize: Int
+    public var ubatchSize: Int
+    public var promptTokens: [Int]
+    public var genTokens: [Int]
+    public var repetitions: Int
+    public var warmup: Int
+    public var seed: Int
+    public init(threads: Int, ompWaitPolicy: String, batchSize: Int, ubatchSize: Int, promptTokens: [Int], genTokens: [Int], repetitions: Int, warmup: Int, seed: Int) {
+        self.threads = threads
+        self.ompWaitPolicy = ompWaitPolicy
+        self.batchSize = batchSize
+        self.ubatchSize = ubatchSize
+        self.promptTokens = promptTokens
+        self.genTokens = genTokens
+        self.repetitions = repetitions
+        self.warmup = warmup
+        self.seed = seed
+    }
+    enum CodingKeys: String, CodingKey {
+        case threads
+        case ompWaitPolicy = "omp_wait_policy"
+        case batchSize = "batch_size"
+        case ubatchSize = "ubatch_size"
+        case promptTokens = "prompt_tokens"
+        case genTokens = "gen_tokens"
+        case repetitions
+        case warmup
+        case seed
+    }
+}
+
+/// One llama-bench test: `pp512` or `tg128`; tokens/s per repetition, their mean and sample std.
+public struct BenchmarkSpeed: Codable, Hashable, Sendable {
+    public var test: String
+    public var kind: Kind
+    public var tokens: Int
+    public var meanTps: Double
+    public var stdTps: Double
+    public var samplesTps: [Double]
+    public init(test: String, kind: Kind, tokens: Int, meanTps: Double, stdTps: Double, samplesTps: [Double]) {
+        self.test = test
+        self.kind = kind
+        self.tokens = tokens
+        self.meanTps = meanTps
+        self.stdTps = stdTps
+        self.samplesTps = samplesTps
+    }
+    enum CodingKeys: String, CodingKey {
+        case test
+        case kind
+        case tokens
+        case meanTps = "mean_tps"
+        case stdTps = "std_tps"
+        case samplesTps = "samples_tps"
+    }
+    public struct Kind: StringEnum {
+        public let rawValue: String
+        public init(rawValue: String) { self.rawValue = rawValue }
+        public static let pp: Self = "pp"
+        public static let tg: Self = "tg"
     }
 }
 
@@ -849,6 +1464,7 @@ public struct EmbedParams: Codable, Hashable, Sendable {
         public init(rawValue: String) { self.rawValue = rawValue }
         public static let auto: Self = "auto"
         public static let llamaCpp: Self = "llama.cpp"
+        public static let onnxruntime: Self = "onnxruntime"
         public static let transformers: Self = "transformers"
     }
 }
@@ -1228,6 +1844,7 @@ public struct GenerateParams: Codable, Hashable, Sendable {
         public init(rawValue: String) { self.rawValue = rawValue }
         public static let auto: Self = "auto"
         public static let llamaCpp: Self = "llama.cpp"
+        public static let onnxruntime: Self = "onnxruntime"
         public static let transformers: Self = "transformers"
     }
 }
@@ -1623,6 +2240,7 @@ public struct ModelsLoadParams: Codable, Hashable, Sendable {
         public init(rawValue: String) { self.rawValue = rawValue }
         public static let auto: Self = "auto"
         public static let llamaCpp: Self = "llama.cpp"
+        public static let onnxruntime: Self = "onnxruntime"
         public static let transformers: Self = "transformers"
     }
 }
@@ -1644,6 +2262,7 @@ public struct ModelsUnloadParams: Codable, Hashable, Sendable {
         public init(rawValue: String) { self.rawValue = rawValue }
         public static let any: Self = "any"
         public static let llamaCpp: Self = "llama.cpp"
+        public static let onnxruntime: Self = "onnxruntime"
         public static let transformers: Self = "transformers"
     }
 }

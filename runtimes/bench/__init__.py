@@ -1,0 +1,1 @@
+"""The `benchmark` method's measurements: llama-bench speed, perplexity, parity, statistics, charts."""
