@@ -31,6 +31,10 @@ def mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def artifact_bytes(result: dict[str, Any]) -> int:
+    return sum(f["size_bytes"] for f in result["files"]) if result.get("files") else result["artifact"]["size_bytes"]
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m sidecar demo", description=__doc__)
     parser.add_argument("--model", default="builtin:tiny", help="model reference to load (default builtin:tiny)")
@@ -130,6 +134,31 @@ def main(argv: list[str]) -> int:
         modelfile = next(f for f in exported["files"] if f["role"] == "modelfile")
         for line in Path(modelfile["path"]).read_text(encoding="utf-8").splitlines():
             print(f"   | {line}")
+
+        coreml = call("export", {"model": args.model, "format": "coreml", "context_length": 128, "prefill_length": 32,
+                                 "quantization": {"mode": "palettize", "nbits": 4, "granularity": "per_grouped_channel",
+                                                  "group_size": 16}})
+        functions = ", ".join(sorted((coreml.get("spec") or {}).get("functions", {}))) or "?"
+        report = coreml.get("quantization_report") or {}
+        print(f"<- Core ML package ({functions}) {mib(artifact_bytes(coreml))}: {coreml['path']}"
+              + (f"; perplexity {report['perplexity_base']:.2f} -> {report['perplexity']:.2f} at 4 bits"
+                 if report.get("perplexity") and report.get("perplexity_base") else ""))
+        onnx = call("export", {"model": args.model, "format": "onnx"})
+        check = (onnx.get("validation") or {}).get("float32") or {}
+        worst = max((check.get(k) for k in ("logits_max_abs_diff_no_past", "logits_max_abs_diff_with_past")
+                     if isinstance(check.get(k), (int, float))), default=None)
+        print(f"<- ONNX graph {mib(artifact_bytes(onnx))}: {onnx['path']}"
+              + (f"; onnxruntime vs torch, max |logit difference| {worst:.1e} (with and without past)" if worst is not None else ""))
+
+        bench = call("benchmark", {"models": [{"model": args.model, "label": "base"},
+                                              {"model": args.model, "adapters": [{"adapter": trained["artifact"]["id"]}],
+                                               "label": "fine-tune"},
+                                              {"model": exported["path"], "label": "Q4_K_M GGUF"}],
+                                   "prompt_tokens": [32], "gen_tokens": [16], "repetitions": 2, "warmup": 1})
+        for line in bench["markdown"].splitlines():
+            print(f"   {line}")
+        if bench["files"]["chart_png"]:
+            print(f"   chart: {bench['files']['chart_png']}")
 
         models = call("models/list")["models"]
         for model in models:
