@@ -2,10 +2,10 @@
 
 Users run the sidecar beside an editor, a browser and a compiler. OpenMP's default (spin-waiting
 threads, one per logical CPU) turns a fair-share slowdown under such load into 10x or more: a
-spinning thread burns the time slice that the thread it waits for needs. So, unless the user chose
-otherwise, idle threads sleep (OMP_WAIT_POLICY=PASSIVE) and a job computes on as many threads as
-the machine really has for us: the physical cores we may run on, capped by a container's CPU
-quota. The policy is decided once, before torch or llama.cpp is imported, and written into the
+spinning thread burns the time slice that the thread it waits for needs. Sleeping idle threads
+(MLSIDECAR_WAIT_POLICY=passive) recover that share but cost idle decode speed (61% on llama.cpp in
+bench/contention.py), so they are opt-in until a policy costs both little. A job computes on the
+threads the machine really has for us: the physical cores we may run on, capped by a CPU quota. The policy is decided once, before torch or llama.cpp is imported, and written into the
 environment, so every worker process inherits the same one.
 """
 
@@ -80,9 +80,12 @@ def cgroup_cpu_quota() -> float | None:
 def decide(env: dict[str, str] | None = None, requested: int | None = None) -> ThreadPolicy:
     """The policy from the flag (`requested`), the environment, then the machine."""
     env = dict(os.environ if env is None else env)
-    wait = (env.get(ENV_WAIT) or env.get("OMP_WAIT_POLICY") or "PASSIVE").upper()
+    # Default: the libraries' own waiting. PASSIVE recovers the fair share on a busy machine but cost
+    # 61% of llama.cpp's and 8% of transformers' idle decode speed in bench/contention.py, so it is opt-in.
+    wait = (env.get(ENV_WAIT) or env.get("OMP_WAIT_POLICY") or "LIBRARY").upper()
     wait_reason = ("OMP_WAIT_POLICY" if env.get("OMP_WAIT_POLICY") and not env.get(ENV_WAIT) else
-                   ENV_WAIT if env.get(ENV_WAIT) else "default: idle threads sleep, so other programs keep their share")
+                   ENV_WAIT if env.get(ENV_WAIT) else "default: the libraries' own (MLSIDECAR_WAIT_POLICY=passive "
+                   "gives a busy machine's other programs their share, at a cost in idle speed)")
     if requested:
         return ThreadPolicy(max(1, requested), wait, f"--threads {requested}; wait policy from {wait_reason}")
     for name in (ENV_THREADS, "OMP_NUM_THREADS"):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from sidecar import threads
 
 
-def test_defaults_sleep_idle_threads_and_use_at_most_the_cpus_we_may_run_on():
+def test_defaults_keep_the_libraries_waiting_and_use_at_most_the_cpus_we_may_run_on():
     policy = threads.decide({})
-    assert policy.wait_policy == "PASSIVE"
+    assert policy.wait_policy == "LIBRARY"
     assert 1 <= policy.threads <= threads._affinity()
     assert policy.reason
 
@@ -28,6 +28,12 @@ def test_apply_writes_what_torch_openmp_and_workers_read():
 
 
 def test_status_reports_the_policy_in_force(spawn):
-    status = spawn("--threads", "1").call("status")["result"]
+    status = spawn("--threads", "1", MLSIDECAR_WAIT_POLICY="passive").call("status")["result"]
     assert status["threads"]["threads"] == 1 and status["threads"]["wait_policy"] == "PASSIVE"
     assert "--threads 1" in status["threads"]["reason"]
+
+
+def test_library_waiting_leaves_omp_wait_policy_unset():
+    env = {"OMP_WAIT_POLICY": "PASSIVE"}
+    threads.apply(threads.ThreadPolicy(2, "LIBRARY", "test"), env)
+    assert "OMP_WAIT_POLICY" not in env
