@@ -19,6 +19,7 @@ from handlers.context import Context
 from handlers.models import acquire_model
 from protocol import messages as m
 from protocol.errors import RpcError
+from runtimes import cpu_share
 
 LLAMA_POOLING = {None: -1, "mean": 1, "cls": 2, "last": 3}
 FLOAT_JSON_BYTES = 24  # a float32 printed as a double, with its comma
@@ -60,6 +61,13 @@ def encode_vectors(vectors: Any, encoding: str) -> list:
     return vectors.tolist()
 
 
+def embed_on_free_cores(model: Any, texts: list[str], **options: Any) -> tuple[Any, int, str]:
+    """On the engine thread: as many threads as the cores other programs leave us (runtimes/cpu_share.py)."""
+    with cpu_share.job(getattr(model, "fixed_threads", None)) as share:
+        share.apply_to(model)
+        return model.embed(texts, **options)
+
+
 async def embed(params: m.EmbedParams, ctx: Context) -> m.EmbedResult:
     started = time.perf_counter()
     texts = texts_of(params)
@@ -75,7 +83,7 @@ async def embed(params: m.EmbedParams, ctx: Context) -> m.EmbedResult:
         async with lease.entry.lock:
             compute_started = time.perf_counter()
             vectors, tokens, pooling = await run_to_completion(
-                ctx, lease.entry.engine, model.embed, texts, pooling=params.pooling, normalize=params.normalize, truncate=params.truncate,
+                ctx, lease.entry.engine, embed_on_free_cores, model, texts, pooling=params.pooling, normalize=params.normalize, truncate=params.truncate,
                 batch_size=params.batch_size, cancelled=ctx.cancelled)
             ctx.check_cancelled({"done": len(texts)})
             compute_ms = (time.perf_counter() - compute_started) * 1000

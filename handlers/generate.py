@@ -21,6 +21,7 @@ from handlers.context import Context
 from handlers.models import acquire_model, resolve
 from protocol import messages as m
 from protocol.errors import Cancelled, RpcError
+from runtimes import cpu_share
 from runtimes.text import Sampling, StopMatcher
 
 
@@ -123,24 +124,27 @@ def decode(model: Any, params: m.GenerateParams, ctx: Context, sampling: Samplin
             sink.send(text)
 
     started = time.perf_counter()
-    tokens = model.stream(ids, sampling, budget, adapters, ctx.cancelled)
-    try:
-        for token in tokens:
-            if outcome.first_token_at is None:
-                outcome.first_token_at = time.perf_counter()
-            if ctx.cancelled.is_set():
-                outcome.finish_reason = "cancelled"
-                break
-            if token in stop_ids:
-                outcome.finish_reason = "stop"
-                break
-            outcome.completion_tokens += 1
-            emit(stops.feed(detokenizer.feed(token)))
-            if stops.stopped:
-                outcome.finish_reason = "stop"
-                break
-    finally:
-        tokens.close()
+    with cpu_share.job(getattr(model, "fixed_threads", None)) as share:
+        share.apply_to(model)  # before the prompt's prefill; then between tokens, as other programs come and go
+        tokens = model.stream(ids, sampling, budget, adapters, ctx.cancelled)
+        try:
+            for token in tokens:
+                share.apply_to(model)
+                if outcome.first_token_at is None:
+                    outcome.first_token_at = time.perf_counter()
+                if ctx.cancelled.is_set():
+                    outcome.finish_reason = "cancelled"
+                    break
+                if token in stop_ids:
+                    outcome.finish_reason = "stop"
+                    break
+                outcome.completion_tokens += 1
+                emit(stops.feed(detokenizer.feed(token)))
+                if stops.stopped:
+                    outcome.finish_reason = "stop"
+                    break
+        finally:
+            tokens.close()
     if not stops.stopped:
         emit(stops.feed(detokenizer.flush()))
         if not stops.stopped:

@@ -192,11 +192,18 @@ class PoolInfo(Result):
 
 
 class ThreadInfo(Result):
-    """The thread policy in force for every job (sidecar and workers), and why it was chosen."""
+    """The thread policy in force for every job (sidecar and workers), and why it was chosen.
+
+    With `adaptive`, a job computes on `threads` at most and on fewer while other programs keep cores
+    busy: `threads_now` is what a job starting now would get, from the last reading of the CPUs
+    (`others_busy_cores`, null before the first). A request's `options.n_threads` is used as given."""
 
     threads: int
     wait_policy: str
     reason: str
+    adaptive: bool = False
+    threads_now: int | None = None
+    others_busy_cores: float | None = None
 
 
 class StatusResult(Result):

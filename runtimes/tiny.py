@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from runtimes import cpu_share
+
 TINY_VERSION = "tiny-v2"  # bump whenever anything below changes the built bytes
 
 CORPUS_PATH = pathlib.Path(__file__).parent / "data" / "tiny_corpus.txt"
@@ -159,18 +161,24 @@ def _pretrain(model: Any, token_ids: list[int], progress: ProgressFn | None) -> 
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
     model.train()
     loss_value = float("nan")
-    for step in range(1, TRAIN_STEPS + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step)
-        starts = torch.randint(0, len(data) - SEQ_LEN, (BATCH_SIZE,), generator=sampler)
-        batch = torch.stack([data[s : s + SEQ_LEN] for s in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_value = loss.item()
-        if progress is not None and (step % PROGRESS_EVERY == 0 or step == TRAIN_STEPS):
-            progress(step, TRAIN_STEPS, f"pretraining builtin:tiny, loss {loss_value:.3f}")
+    threads_before = torch.get_num_threads()  # per calling thread; restored for whoever computes here next
+    try:
+        with cpu_share.job() as share:
+            for step in range(1, TRAIN_STEPS + 1):
+                share.apply_to(cpu_share.TORCH)  # fewer threads while other programs keep cores busy
+                for group in optimizer.param_groups:
+                    group["lr"] = _learning_rate(step)
+                starts = torch.randint(0, len(data) - SEQ_LEN, (BATCH_SIZE,), generator=sampler)
+                batch = torch.stack([data[s : s + SEQ_LEN] for s in starts.tolist()])
+                loss = model(input_ids=batch, labels=batch).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_value = loss.item()
+                if progress is not None and (step % PROGRESS_EVERY == 0 or step == TRAIN_STEPS):
+                    progress(step, TRAIN_STEPS, f"pretraining builtin:tiny, loss {loss_value:.3f}")
+    finally:
+        torch.set_num_threads(threads_before)
     model.eval()
     return loss_value
 

@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
     print("roots       " + "\n            ".join(data["allowed_roots"]) + "   (add more with --allow-root DIR or MLSIDECAR_ALLOWED_ROOTS)")
     print(f"pool budget {data['pool_budget_bytes'] / 2**30:.1f} GiB")
     print(f"threads     {data['threads']['threads']} per job, OMP_WAIT_POLICY={data['threads']['wait_policy']} "
-          f"({data['threads']['reason']}; override with --threads / MLSIDECAR_THREADS, MLSIDECAR_WAIT_POLICY)")
+          f"({data['threads']['reason']}; override with --threads / MLSIDECAR_THREADS, MLSIDECAR_THREADS_ADAPT=0, MLSIDECAR_WAIT_POLICY)")
     print(f"network     {'allowed' if data['allow_network'] else 'off (offline first)'}")
     missing = [n for n, v in data["packages"].items() if v is None and n != "mlsidecar"]
     if missing:

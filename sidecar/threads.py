@@ -1,12 +1,15 @@
-"""The sidecar's thread policy: how many compute threads a job gets, and how idle threads wait.
+"""The sidecar's thread policy: how many compute threads a job may use, whether that adapts, and how idle threads wait.
 
 Users run the sidecar beside an editor, a browser and a compiler. OpenMP's default (spin-waiting
 threads, one per logical CPU) turns a fair-share slowdown under such load into 10x or more: a
 spinning thread burns the time slice that the thread it waits for needs. Sleeping idle threads
 (MLSIDECAR_WAIT_POLICY=passive) recover that share but cost idle decode speed (61% on llama.cpp in
-bench/contention.py), so they are opt-in until a policy costs both little. A job computes on the
-threads the machine really has for us: the physical cores we may run on, capped by a CPU quota. The policy is decided once, before torch or llama.cpp is imported, and written into the
-environment, so every worker process inherits the same one.
+bench/contention.py). So the default keeps the libraries' fast waiting and removes the cause instead:
+a job runs at most as many threads as the physical cores we may use (capped by a CPU quota), and
+fewer while other programs keep cores busy (runtimes/cpu_share.py adapts the count between steps).
+A count the user gives (--threads, MLSIDECAR_THREADS, OMP_NUM_THREADS, a request's `threads`) is
+used as given. The policy is decided once, before torch or llama.cpp is imported, and written into
+the environment, so every worker process inherits the same one.
 """
 
 from __future__ import annotations
@@ -17,16 +20,18 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ENV_THREADS = "MLSIDECAR_THREADS"
+from runtimes.cpu_share import ENV_ADAPT, ENV_THREADS
+
 ENV_WAIT = "MLSIDECAR_WAIT_POLICY"
 ENV_APPLIED = "MLSIDECAR_THREAD_POLICY"  # the applied policy as JSON, for workers and `status`
 
 
 @dataclass(frozen=True)
 class ThreadPolicy:
-    threads: int  # compute threads per job: torch's intra-op pool, llama.cpp's n_threads and n_threads_batch
-    wait_policy: str  # OMP_WAIT_POLICY in force: PASSIVE (sleep when idle) or ACTIVE (spin)
+    threads: int  # compute threads per job at most: torch's intra-op pool, llama.cpp's n_threads and n_threads_batch
+    wait_policy: str  # OMP_WAIT_POLICY in force: PASSIVE (sleep when idle), ACTIVE (spin) or LIBRARY (their default)
     reason: str  # where the numbers came from, for `status` and `doctor`
+    adaptive: bool = False  # fewer threads while other programs keep cores busy (the machine-chosen default)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,12 +85,11 @@ def cgroup_cpu_quota() -> float | None:
 def decide(env: dict[str, str] | None = None, requested: int | None = None) -> ThreadPolicy:
     """The policy from the flag (`requested`), the environment, then the machine."""
     env = dict(os.environ if env is None else env)
-    # Default: the libraries' own waiting. PASSIVE recovers the fair share on a busy machine but cost
-    # 61% of llama.cpp's and 8% of transformers' idle decode speed in bench/contention.py, so it is opt-in.
+    # Default: the libraries' own waiting. PASSIVE cost 61% of llama.cpp's and 8% of transformers' idle
+    # decode speed in bench/contention.py; adapting the thread count recovers the fair share without it.
     wait = (env.get(ENV_WAIT) or env.get("OMP_WAIT_POLICY") or "LIBRARY").upper()
     wait_reason = ("OMP_WAIT_POLICY" if env.get("OMP_WAIT_POLICY") and not env.get(ENV_WAIT) else
-                   ENV_WAIT if env.get(ENV_WAIT) else "default: the libraries' own (MLSIDECAR_WAIT_POLICY=passive "
-                   "gives a busy machine's other programs their share, at a cost in idle speed)")
+                   ENV_WAIT if env.get(ENV_WAIT) else "default: the libraries' own")
     if requested:
         return ThreadPolicy(max(1, requested), wait, f"--threads {requested}; wait policy from {wait_reason}")
     for name in (ENV_THREADS, "OMP_NUM_THREADS"):
@@ -99,7 +103,10 @@ def decide(env: dict[str, str] | None = None, requested: int | None = None) -> T
         threads, why = physical, f"{physical} physical cores (hyper-threads do not add matrix throughput)"
     if quota is not None and math.ceil(quota) < threads:
         threads, why = max(1, math.ceil(quota)), f"the container's CPU quota of {quota:g}"
-    return ThreadPolicy(threads, wait, f"{why}; wait policy from {wait_reason}")
+    if env.get(ENV_ADAPT) == "0":
+        return ThreadPolicy(threads, wait, f"{why}, fixed ({ENV_ADAPT}=0); wait policy from {wait_reason}")
+    return ThreadPolicy(threads, wait, f"{why}, fewer while other programs keep cores busy; wait policy from "
+                        f"{wait_reason}", adaptive=True)
 
 
 def apply(policy: ThreadPolicy, env: dict | None = None) -> None:
@@ -111,6 +118,7 @@ def apply(policy: ThreadPolicy, env: dict | None = None) -> None:
         env["OMP_WAIT_POLICY"] = policy.wait_policy
     for name in (ENV_THREADS, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[name] = str(policy.threads)
+    env[ENV_ADAPT] = "1" if policy.adaptive else "0"
     env[ENV_APPLIED] = json.dumps(policy.to_dict())
 
 

@@ -45,6 +45,7 @@ class TransformersModel:
     memory_bytes: int
     is_causal_lm: bool
     runtime: str = "transformers"
+    fixed_threads: int | None = None  # options.n_threads: used as given, never adapted
     _adapters: Any = None
 
     @property
@@ -112,6 +113,13 @@ class TransformersModel:
             raise TextEmpty(f"text {exc.index} has no tokens for this model's tokenizer; drop it or add some text",
                             index=exc.index) from None
         return vectors, tokens, chosen
+
+    def set_threads(self, count: int) -> None:
+        """torch's intra-op pool for the calling thread (the model's engine thread, which computes)."""
+        import torch
+
+        if self.device == "cpu" and torch.get_num_threads() != count:
+            torch.set_num_threads(count)
 
     def close(self) -> None:
         self.model = None
@@ -205,4 +213,5 @@ class TransformersRuntime:
         memory = sum(t.numel() * t.element_size() for t in model.parameters())
         memory += sum(t.numel() * t.element_size() for t in model.buffers())
         progress(3, 3, "loaded")
-        return TransformersModel(model, tokenizer, config, path, device, dtype, memory, is_causal_lm)
+        return TransformersModel(model, tokenizer, config, path, device, dtype, memory, is_causal_lm,
+                                 fixed_threads=options.get("n_threads") or None)

@@ -37,6 +37,7 @@ class LlamaCppModel:
     dtype: str = "gguf"
     runtime: str = "llama.cpp"
     adapters: tuple[str, ...] = ()
+    fixed_threads: int | None = None  # options.n_threads: used as given, never adapted
     _stop_ids: frozenset[int] | None = None
 
     @property
@@ -118,6 +119,13 @@ class LlamaCppModel:
         used = names.get(llama_cpp.llama_pooling_type(self.llama._ctx.ctx), pooling or "model default")
         return np.asarray(vectors, dtype=np.float32), int(count), used
 
+    def set_threads(self, count: int) -> None:
+        """Threads for the next decode and prompt batch; llama.cpp reads them at every graph compute."""
+        import llama_cpp
+
+        if self.device == "cpu":
+            llama_cpp.llama_set_n_threads(self.llama._ctx.ctx, count, count)
+
     def close(self) -> None:
         llama, self.llama = self.llama, None
         if llama is not None:
@@ -193,7 +201,7 @@ class LlamaCppRuntime:
         progress(2, 2, "loaded")
         on_gpu = n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
         return LlamaCppModel(llama, path, "gpu" if on_gpu else "cpu", path.stat().st_size, bool(options.get("embedding")),
-                             adapters=(lora[0],) if lora else ())
+                             adapters=(lora[0],) if lora else (), fixed_threads=options.get("n_threads") or None)
 
 
 def _threads(options: dict[str, Any]) -> int:

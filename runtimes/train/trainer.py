@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
+from runtimes import cpu_share
 from runtimes.train.batches import PlanOptions, collate, count_targets, plan_epoch, plan_eval
 
 
@@ -60,6 +61,7 @@ class TrainConfig:
     dtype: str = "auto"
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    n_threads: int | None = None  # options.n_threads: used as given; otherwise the cores other programs leave us
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "TrainConfig":
@@ -251,7 +253,8 @@ def run_training(model_path: Path, config: TrainConfig, data: TrainData, reporte
     loop = _Loop(model, device, dtype, config, data, reporter, run_dir, state_extra or {}, rank, world_size)
     if resume_from is not None:
         loop.resume(resume_from)
-    return loop.run()
+    with cpu_share.job(config.n_threads) as loop.threads:
+        return loop.run()
 
 
 class _Loop:
@@ -262,6 +265,7 @@ class _Loop:
         self.model, self.device, self.dtype, self.config, self.data = model, device, dtype, config, data
         self.reporter, self.run_dir, self.state_extra = reporter, run_dir, state_extra
         self.rank, self.world_size = rank, world_size
+        self.threads: cpu_share.Job | None = None  # set by run_training: the job's claim on the CPU
         self.named = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self.param_names = {id(p): name for name, p in self.named.items()}
         self.optimizer = torch.optim.AdamW(list(self.named.values()), lr=config.learning_rate,
@@ -377,6 +381,8 @@ class _Loop:
         started = time.monotonic()
         self.reporter.progress("train", self.cursor.step, self.total_steps, "training")
         while self.cursor.step < self.total_steps:
+            if self.threads is not None and self.device == "cpu":
+                self.threads.apply_to(cpu_share.TORCH)  # fewer threads while other programs keep cores busy
             step_started = time.monotonic()
             batches = self.step_batches(self.cursor.epoch, self.cursor.index)
             step_targets = sum(count_targets(self.data.train, shard) for _, _, shards in batches for shard in shards)

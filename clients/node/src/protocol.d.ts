@@ -795,10 +795,19 @@ export interface StatusResult {
   uptime_s: number;
 }
 
-/** The thread policy in force for every job (sidecar and workers), and why it was chosen. */
+/**
+ * The thread policy in force for every job (sidecar and workers), and why it was chosen.
+ * With `adaptive`, a job computes on `threads` at most and on fewer while other programs keep cores
+ * busy: `threads_now` is what a job starting now would get, from the last reading of the CPUs
+ * (`others_busy_cores`, null before the first). A request's `options.n_threads` is used as given.
+ */
 export interface ThreadInfo {
+  /** @default false */
+  adaptive?: boolean;
+  others_busy_cores?: number | null;
   reason: string;
   threads: number;
+  threads_now?: number | null;
   wait_policy: string;
 }
 

@@ -2504,19 +2504,35 @@ public struct StatusResult: Codable, Hashable, Sendable {
 }
 
 /// The thread policy in force for every job (sidecar and workers), and why it was chosen.
+///
+/// With `adaptive`, a job computes on `threads` at most and on fewer while other programs keep cores
+/// busy: `threads_now` is what a job starting now would get, from the last reading of the CPUs
+/// (`others_busy_cores`, null before the first). A request's `options.n_threads` is used as given.
 public struct ThreadInfo: Codable, Hashable, Sendable {
     public var threads: Int
     public var waitPolicy: String
     public var reason: String
-    public init(threads: Int, waitPolicy: String, reason: String) {
+    /// Default: `false`.
+    public var adaptive: Bool?
+    /// Default: `null`.
+    public var othersBusyCores: Double?
+    /// Default: `null`.
+    public var threadsNow: Int?
+    public init(threads: Int, waitPolicy: String, reason: String, adaptive: Bool? = nil, othersBusyCores: Double? = nil, threadsNow: Int? = nil) {
         self.threads = threads
         self.waitPolicy = waitPolicy
         self.reason = reason
+        self.adaptive = adaptive
+        self.othersBusyCores = othersBusyCores
+        self.threadsNow = threadsNow
     }
     enum CodingKeys: String, CodingKey {
         case threads
         case waitPolicy = "wait_policy"
         case reason
+        case adaptive
+        case othersBusyCores = "others_busy_cores"
+        case threadsNow = "threads_now"
     }
 }
 
