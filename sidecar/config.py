@@ -52,6 +52,7 @@ class Config:
     pool_budget_bytes: int = field(default_factory=lambda: physical_memory_bytes() // 2)
     cancel_grace_s: float = 10.0
     host_pid: int | None = None
+    spare_worker: bool = True  # keep one worker process started for the next job (MLSIDECAR_SPARE_WORKER=0: none)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Config":
@@ -67,6 +68,8 @@ class Config:
             config.max_queued_jobs = int(env["MLSIDECAR_MAX_QUEUED_JOBS"])
         if env.get("MLSIDECAR_MAX_MESSAGE_BYTES"):
             config.max_message_bytes = parse_bytes(env["MLSIDECAR_MAX_MESSAGE_BYTES"])
+        if env.get("MLSIDECAR_SPARE_WORKER") is not None:
+            config.spare_worker = _env_flag(env, "MLSIDECAR_SPARE_WORKER")
         if env.get("MLSIDECAR_POOL_BUDGET"):
             config.pool_budget_bytes = parse_bytes(env["MLSIDECAR_POOL_BUDGET"])
         return config

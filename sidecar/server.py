@@ -17,7 +17,7 @@ from protocol import messages as m
 from protocol.errors import Cancelled, ErrorCode, RpcError
 from protocol.methods import METHODS, MethodContract
 from protocol.version import PROTOCOL_VERSION, SUPPORTED_VERSIONS
-from sidecar import hostwatch, wire
+from sidecar import hostwatch, wire, workers
 from sidecar.config import Config
 from sidecar.failures import error_from_exception, validation_error
 from sidecar.jobs import Job
@@ -324,13 +324,11 @@ class Server:
         job.progress("queued", message=f"waiting: {ahead} job(s) ahead", position=position)
 
     def _start_long(self, job: Job) -> None:
-        from sidecar.workers import run_in_worker
-
         job.state = "running"
         job.position = None
         job.started = time.time()
         self.running_long.append(job)
-        job.task = self.loop.create_task(run_in_worker(job, self.config))
+        job.task = self.loop.create_task(workers.run_in_worker(job, self.config))
 
     def job_finished(self, job: Job) -> None:
         self.active.pop(job.id, None)
@@ -372,10 +370,12 @@ class Server:
             if j.method not in {"status", "ping"}
         ]
         pool = self.services.pool
+        from runtimes import cpu_share
         from sidecar.threads import current
 
+        threads = m.ThreadInfo(**current().to_dict(), **cpu_share.governor().snapshot())
         return m.StatusResult(round(time.time() - self.started, 3), jobs, pool.models(), pool.info(),
-                              self.config.max_concurrent_jobs, self.config.max_queued_jobs, m.ThreadInfo(**current().to_dict()))
+                              self.config.max_concurrent_jobs, self.config.max_queued_jobs, threads)
 
     async def shutdown(self, params: m.Empty, job: Job) -> m.ShutdownResult:
         self.accepting = False
@@ -383,6 +383,7 @@ class Server:
         for other in others:
             other.request_cancel()
         await self._wait_for(others, self.config.cancel_grace_s)
+        workers.spare.stop()
         await self.services.pool.close()
         return m.ShutdownResult([j.id for j in others])
 
@@ -414,6 +415,7 @@ class Server:
             if j.method != "shutdown":
                 j.request_cancel()
         await self._wait_for(jobs, grace_s)
+        workers.spare.stop()
         await self.services.pool.close()
         if not self.active:
             self._done.set()

@@ -80,6 +80,24 @@ def _read_lines(fd: int):
         yield from splitter.feed(chunk)
 
 
+def _preload() -> None:
+    """A spare worker's head start: every worker method's module, the package versions a model card
+    lists, and llama.cpp; not torch, whose ~250 MB would sit idle (a job that needs it imports it)."""
+    from handlers import implementation
+    from protocol.methods import METHODS
+    from sidecar import failures, server, services  # noqa: F401
+    from sidecar.registry import library_versions
+
+    for name, method in METHODS.items():
+        if method.runs_in == "worker":
+            implementation(name)
+    library_versions()
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        pass
+
+
 def main() -> None:
     wire_in, wire_out = wire.isolate_stdio()
     faulthandler.enable()  # a segfault leaves a Python stack in the stderr tail the error carries
@@ -87,8 +105,14 @@ def main() -> None:
     parent = int(os.environ.get("MLSIDECAR_PARENT_PID", "0"))
     if parent and os.getppid() != parent:
         os._exit(3)  # the sidecar died before we armed the signal
+    if "--preload" in sys.argv:
+        _preload()
     lines = _read_lines(wire_in)
-    spec = wire.decode(next(lines))
+    first = next(lines, None)
+    if first is None:
+        os._exit(0)  # a spare the sidecar stopped before giving it a job
+    spec = wire.decode(first)
+    os.write(wire_out, wire.encode({"event": "started"}))  # the job is ours: from here on a death is the job's
 
     import msgspec
 
@@ -97,7 +121,6 @@ def main() -> None:
     from sidecar.config import Config
     from sidecar.failures import error_from_exception
     from sidecar.services import Services
-
     from sidecar.server import route_library_warnings
 
     route_library_warnings()

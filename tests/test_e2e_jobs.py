@@ -174,3 +174,64 @@ def test_shutdown_cancels_work_answers_and_refuses_new_work(spawn):
     assert refused["data"]["kind"] == "shutting_down"
     assert sidecar.call("ping")["result"] == {}
     assert sidecar.close() == 0
+
+
+def _spare_workers(parent: int) -> list[int]:
+    """Children of `parent` that are spare workers waiting for a job (`--preload` on their command line)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat", "rb").read().rsplit(b")", 1)[1].split()
+            command = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if int(stat[1]) == parent and stat[0] not in (b"Z", b"X") and b"--preload" in command:
+            found.append(int(entry))
+    return found
+
+
+def _wait_for_spare(parent: int, timeout_s: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        spares = _spare_workers(parent)
+        if spares:
+            return spares[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no spare worker appeared under {parent} within {timeout_s} s")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process table from /proc")
+def test_the_next_worker_job_takes_the_spare_and_the_spare_goes_with_the_sidecar(sidecar):
+    assert not _spare_workers(sidecar.proc.pid)  # none before the first worker job
+    first = sidecar.call("debug/sleep", {"seconds": 0.01, "steps": 1})["result"]["pid"]
+    spare = _wait_for_spare(sidecar.proc.pid)
+    second = sidecar.call("debug/sleep", {"seconds": 0.01, "steps": 1})["result"]["pid"]
+    assert second == spare != first
+    another = _wait_for_spare(sidecar.proc.pid)
+    assert another not in (first, second)  # a fresh process per job, never one that ran a job before
+    sidecar.call("shutdown")
+    sidecar.proc.stdin.close()
+    assert sidecar.proc.wait(30) == 0
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{another}") and open(f"/proc/{another}/stat", "rb").read().rsplit(b")", 1)[1].split()[0] != b"Z":
+        assert time.monotonic() < deadline, "the spare worker outlived the sidecar"
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process table from /proc")
+def test_a_spare_killed_while_it_waits_is_replaced_and_the_job_runs(sidecar):
+    sidecar.call("debug/sleep", {"seconds": 0.01, "steps": 1})
+    spare = _wait_for_spare(sidecar.proc.pid)
+    os.kill(spare, signal.SIGKILL)
+    response = sidecar.call("debug/sleep", {"seconds": 0.01, "steps": 1})
+    assert response["result"]["steps"] == 1 and response["result"]["pid"] != spare
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process table from /proc")
+def test_no_spare_worker_when_turned_off(spawn):
+    sidecar = spawn("--debug", MLSIDECAR_SPARE_WORKER="0")
+    sidecar.call("debug/sleep", {"seconds": 0.01, "steps": 1})
+    time.sleep(1.5)
+    assert not _spare_workers(sidecar.proc.pid)
