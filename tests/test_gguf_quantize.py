@@ -98,6 +98,7 @@ def test_every_type_quantizes_tiny_loads_and_generates(tiny_f16: Path, tmp_path:
     assert result["bytes"] < result["source_bytes"] or qtype in ("Q8_0", "Q6_K")
     assert steps[-1] == (21, 21) and all(a <= b for (a, _), (b, _) in zip(steps, steps[1:]))
     types = tensor_types(out)
+    assert result["tensor_types"] == types  # the quantizer's own lines count what the loader reads, fallbacks included
     assert types["F32"] == 5  # norms stay f32
     if qtype.startswith(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")):
         # rows of 64/192 values: no K-quant block fits, so every 2-D tensor took a fallback type
@@ -112,8 +113,19 @@ def test_k_quants_are_used_where_rows_allow(wide_f16: Path, tmp_path: Path, qtyp
     result = quantize_gguf(wide_f16, out, qtype, threads=1)
     assert result["fallbacks"] == []
     types = tensor_types(out)
+    assert result["tensor_types"] == types
     assert types.get(K_MAIN[qtype], 0) >= 8, types  # most of the 15 matrices have the type's own format
     assert len(greedy(llama(out), PROMPTS[1], 8)) == 8
+
+
+def test_work_alongside_runs_while_llama_cpp_quantizes_and_its_log_stays_whole(tiny_f16: Path, tmp_path: Path) -> None:
+    from runtimes.gguf.quantize import inspect_gguf
+
+    out = tmp_path / "tiny.Q4_K_M.gguf"
+    result = quantize_gguf(tiny_f16, out, "Q4_K_M", alongside=lambda: inspect_gguf(tiny_f16, tensor_types=False))
+    source = inspect_gguf(tiny_f16)
+    assert result["alongside"].chat_template == source.chat_template and result["alongside"].eog_tokens == source.eog_tokens
+    assert result["tensors"] == 21 and result["tensor_types"] == tensor_types(out)
 
 
 def test_q8_0_greedy_tokens_equal_f16(tiny_f16: Path, tmp_path: Path) -> None:

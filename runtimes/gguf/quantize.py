@@ -45,6 +45,8 @@ NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_X
                  "IQ4_NL", "IQ4_XS", "Q2_K_S")
 
 _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+_TYPE_FIELD = re.compile(r"type =\s*([^\s,]+)")  # "[ 3/ 273] blk.0.attn_q.weight - [576, 576], type = f16, "
+_CONVERTING = re.compile(r"converting to\s+([^\s.]+)")  # "converting to q4_K .. size = ..."; absent when kept as is
 _FALLBACK_LINE = re.compile(r"^warning:\s+(\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\).*"
                             r"falling back to\s+(\S+)")
 _FAILED = "failed to quantize: "
@@ -99,6 +101,19 @@ class _Log:
                 return line.split(_FAILED, 1)[1].strip()
         return None
 
+    def tensor_types(self) -> dict[str, int]:
+        """How many tensors went out in each ggml type, from the per-tensor lines (as the loader's summary counts them)."""
+        stored: list[str] = []  # per tensor; a fallback warning may split its line before "converting to"
+        for line in self.lines + [self.buffer]:
+            if _TENSOR_LINE.match(line) and (match := _TYPE_FIELD.search(line)):
+                stored.append(match.group(1))
+            if stored and (match := _CONVERTING.search(line)):
+                stored[-1] = match.group(1)
+        counts: dict[str, int] = {}
+        for name in stored:
+            counts[name.upper()] = counts.get(name.upper(), 0) + 1
+        return dict(sorted(counts.items()))
+
     def fallbacks(self) -> list[dict[str, Any]]:
         found = []
         for line in self.lines:
@@ -113,12 +128,15 @@ _KEEP_ALIVE: list[Any] = []  # callbacks of abandoned (cancelled) calls must out
 
 
 def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int = 0, progress: ProgressFn | None = None,
-                  cancelled: threading.Event | None = None, poll_s: float = 0.1) -> dict[str, Any]:
+                  cancelled: threading.Event | None = None, poll_s: float = 0.1,
+                  alongside: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Quantize the GGUF at src into dst (exactly dst is written, removed again on failure or cancel).
 
     threads <= 0 lets llama.cpp use every hardware thread. Raises QuantizeCancelled when
     `cancelled` is set (at most poll_s later), QuantizeError with llama.cpp's message when it
     refuses (a requantization, an unsupported architecture), OSError(ENOSPC) when the disk filled.
+    `alongside` runs in the calling thread while llama.cpp quantizes (its result is "alongside" in
+    the returned dict): the C call holds no GIL, and its reads and writes leave cores idle.
     """
     import llama_cpp
 
@@ -140,6 +158,8 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int = 0, progres
     worker.start()
     reported = -1
     try:
+        if alongside is not None:
+            outcome["alongside"] = alongside()
         while worker.is_alive():
             worker.join(poll_s)
             if cancelled is not None and cancelled.is_set() and worker.is_alive():
@@ -164,7 +184,8 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int = 0, progres
         progress(log.total, log.total, f"quantized {log.total} tensors to {qtype}")
     fallbacks = log.fallbacks()
     return {"type": qtype, "ftype": QUANT_TYPES[qtype], "seconds": round(seconds, 3), "tensors": log.total,
-            "bytes": dst.stat().st_size, "source_bytes": src.stat().st_size, "fallbacks": fallbacks}
+            "bytes": dst.stat().st_size, "source_bytes": src.stat().st_size, "fallbacks": fallbacks,
+            "tensor_types": log.tensor_types(), "alongside": outcome.get("alongside")}
 
 
 def _restore_default_log(llama_cpp: Any) -> None:
@@ -209,20 +230,23 @@ class GgufInfo:
 _TYPE_LINE = re.compile(r"- type\s+(\S+):\s+(\d+) tensors")
 
 
-def inspect_gguf(path: Path) -> GgufInfo:
+def inspect_gguf(path: Path, *, tensor_types: bool = True) -> GgufInfo:
     """A vocabulary-only load through llama.cpp (no weights; well under a second where gguf-py's
-    reader takes seconds on a 49k-token vocabulary). Tensor types come from its loader's summary."""
+    reader takes seconds on a 49k-token vocabulary). Tensor types come from its loader's summary;
+    without them llama.cpp's log is left as it is (a quantization running alongside logs through it)."""
     import llama_cpp
 
     log = _Log()
     callback = llama_cpp.llama_log_callback(log.feed)
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    if tensor_types:
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
     try:
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
     finally:
-        _restore_default_log(llama_cpp)
+        if tensor_types:
+            _restore_default_log(llama_cpp)
     if not model:
         raise UnsupportedModel(f"llama.cpp cannot read {path}", path=str(path))
     try:
@@ -231,13 +255,17 @@ def inspect_gguf(path: Path) -> GgufInfo:
         def text(token: int) -> str:
             return llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", "replace") if token >= 0 else ""
 
-        tokens = range(llama_cpp.llama_vocab_n_tokens(vocab))
+        is_control, is_eog = llama_cpp.llama_vocab_is_control, llama_cpp.llama_vocab_is_eog
+        control, eog = [], []
+        for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):  # one pass: ~50k tokens, two C calls each
+            if is_control(vocab, token):
+                control.append(token)
+            if is_eog(vocab, token):
+                eog.append(token)
         template = llama_cpp.llama_model_chat_template(model, None)
         info = GgufInfo(template.decode("utf-8") if template else None, text(llama_cpp.llama_vocab_bos(vocab)),
                         text(llama_cpp.llama_vocab_eos(vocab)), bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
-                        [text(t) for t in tokens if llama_cpp.llama_vocab_is_control(vocab, t)],
-                        [text(t) for t in tokens if llama_cpp.llama_vocab_is_eog(vocab, t)],
-                        _tensor_types(log.lines + [log.buffer]))
+                        [text(t) for t in control], [text(t) for t in eog], _tensor_types(log.lines + [log.buffer]))
     finally:
         llama_cpp.llama_model_free(model)
     return info
