@@ -11,10 +11,12 @@ import Darwin
 private let ignoreSIGPIPE: Void = { _ = signal(SIGPIPE, SIG_IGN) }()
 private let spawnLock = NSLock()
 
-/// The sidecar process: three pipes, a thread per output doing blocking reads, one serialized
-/// writer, and a stderr tail. `onExit` runs once, after the process ended and its output drained.
+/// The sidecar process: three pipes, a reader thread per output (on stdout shared with a waiting
+/// task, see `StdoutReader`), one serialized writer, and a stderr tail. `onExit` runs once, after
+/// the process ended and its output drained.
 final class ChildProcess: @unchecked Sendable {
     let stderr: ByteTail
+    let stdout: StdoutReader
     private let process = Process()
     private let stdinFD: Int32
     private let writeLock = NSLock()
@@ -25,7 +27,7 @@ final class ChildProcess: @unchecked Sendable {
     var pid: Int32 { process.processIdentifier }
     var exit: ProcessExit? { exitLock.withLock { exitValue } }
 
-    init(_ configuration: SidecarConfiguration, onLine: @escaping @Sendable (Data) -> Void,
+    init(_ configuration: SidecarConfiguration, onLine: @escaping @Sendable (UnsafeRawBufferPointer) -> Void,
          onExit: @escaping @Sendable (ProcessExit) -> Void) throws {
         _ = ignoreSIGPIPE
         spawnLock.lock()
@@ -33,6 +35,7 @@ final class ChildProcess: @unchecked Sendable {
         let input = try Self.pipe(), output = try Self.pipe(), errors = try Self.pipe()
         stdinFD = input.write
         stderr = ByteTail(limit: configuration.stderrTailBytes)
+        stdout = StdoutReader(fd: output.read, onLine: onLine)  // closes output.read when it goes
         process.executableURL = configuration.executableURL
         process.arguments = configuration.arguments
         if let environment = configuration.environment { process.environment = environment }
@@ -42,9 +45,10 @@ final class ChildProcess: @unchecked Sendable {
         process.standardError = FileHandle(fileDescriptor: errors.write, closeOnDealloc: false)
 
         let stdoutDone = DispatchSemaphore(value: 0), stderrDone = DispatchSemaphore(value: 0)
-        process.terminationHandler = { [stderr] process in
+        process.terminationHandler = { [stderr, stdout] process in
             // Lines written just before the exit are still in the pipe: let the readers finish,
             // but do not wait for a grandchild that may hold the pipes open.
+            stdout.wake()
             DispatchQueue.global().async { [self] in
                 _ = stdoutDone.wait(timeout: .now() + 1)
                 _ = stderrDone.wait(timeout: .now() + 0.5)
@@ -59,12 +63,15 @@ final class ChildProcess: @unchecked Sendable {
         do {
             try runWithEmptySignalMask()
         } catch {
-            for fd in [input.read, input.write, output.read, output.write, errors.read, errors.write] { close(fd) }
+            for fd in [input.read, input.write, output.write, errors.read, errors.write] { close(fd) }
             throw SidecarError.launchFailed("\(configuration.executableURL.path) \(configuration.arguments.joined(separator: " ")): \(error)")
         }
         for fd in [input.read, output.write, errors.write] { close(fd) }
 
-        Self.readLines(output.read, done: stdoutDone, onLine)
+        Thread.detachNewThread { [stdout] in
+            stdout.run()
+            stdoutDone.signal()
+        }
         let onStderrLine = configuration.onStderrLine
         Self.readChunks(errors.read, done: stderrDone) { [stderr] chunk, splitter in
             stderr.append(chunk)
@@ -75,7 +82,7 @@ final class ChildProcess: @unchecked Sendable {
     }
 
     /// Writes one whole message; frames never interleave.
-    func write(_ data: Data, method: String) throws {
+    func write(_ data: [UInt8], method: String) throws {
         try writeLock.withLock {
             guard stdinOpen else { throw SidecarError.writeFailed(errno: EPIPE, method: method) }
             try data.withUnsafeBytes { buffer in
@@ -105,6 +112,7 @@ final class ChildProcess: @unchecked Sendable {
     /// Close stdin and wait; then SIGTERM, then SIGKILL. How it ended, unless it outlived all that.
     func stop(grace: Duration) async -> ProcessExit? {
         closeInput()
+        stdout.wake()  // the sidecar may be blocked writing to a full pipe that no task reads
         if let exit = await waitForExit(timeout: grace) { return exit }
         send(signal: SIGTERM)
         if let exit = await waitForExit(timeout: .seconds(3)) { return exit }
@@ -151,15 +159,8 @@ final class ChildProcess: @unchecked Sendable {
         return (fds[0], fds[1])
     }
 
-    private static func readLines(_ fd: Int32, done: DispatchSemaphore, _ onLine: @escaping @Sendable (Data) -> Void) {
-        readChunks(fd, done: done, finish: { splitter in splitter.finish(onLine) }) { chunk, splitter in
-            splitter.feed(chunk, onLine)
-        }
-    }
-
     /// A dedicated thread doing blocking read(2) until end of file.
     private static func readChunks(_ fd: Int32, done: DispatchSemaphore,
-                                   finish: @escaping @Sendable (inout LineSplitter) -> Void = { _ in },
                                    _ onChunk: @escaping @Sendable (UnsafeRawBufferPointer, inout LineSplitter) -> Void) {
         Thread.detachNewThread {
             var splitter = LineSplitter()
@@ -175,7 +176,6 @@ final class ChildProcess: @unchecked Sendable {
                     break
                 }
             }
-            finish(&splitter)
         }
     }
 }

@@ -4,7 +4,7 @@ import Foundation
 final class Connection: @unchecked Sendable {
     let process: ChildProcess
     private let lock = NSLock()
-    private var pending: [RequestID: ResponseChannel] = [:]
+    private var pending: [Int: ResponseChannel] = [:]  // this client's ids are integers
     private var nextID = 1
     private var exitValue: ProcessExit?
     private var messageLimit = 16 * 1024 * 1024
@@ -26,6 +26,7 @@ final class Connection: @unchecked Sendable {
     deinit { process.closeInput() }
 
     var exit: ProcessExit? { lock.withLock { exitValue } }
+    var hasPending: Bool { lock.withLock { !pending.isEmpty } }
     var maxMessageBytes: Int {
         get { lock.withLock { messageLimit } }
         set { lock.withLock { messageLimit = newValue } }
@@ -33,26 +34,27 @@ final class Connection: @unchecked Sendable {
 
     /// Sends a request; its answer arrives through the returned channel.
     func start<Params: Encodable>(_ method: String, params: Params?, timeout: Duration?) -> ResponseChannel {
-        let (id, exit, limit): (RequestID, ProcessExit?, Int) = lock.withLock {
+        let number = lock.withLock {
             defer { nextID += 1 }
-            return (RequestID.int(nextID), exitValue, messageLimit)
+            return nextID
         }
-        if let exit { return .failed(SidecarError.processExited(exit), id: id, method: method) }
-        let line: Data
+        let id = RequestID.int(number)
+        let line: [UInt8]
         do {
-            line = try encode(OutgoingMessage(id: id, method: method, params: params))
+            line = try requestFrame(id: id, method: method, params: params, encoder: encoder)
         } catch {
             return .failed(error, id: id, method: method)
         }
-        if line.count - 1 > limit {
-            return .failed(SidecarError.messageTooLarge(method: method, bytes: line.count - 1, limit: limit), id: id, method: method)
+        let channel = ResponseChannel(id: id, method: method, connection: self)
+        let refusal: SidecarError? = lock.withLock {
+            if let exitValue { return .processExited(exitValue) }
+            if line.count - 1 > messageLimit {
+                return .messageTooLarge(method: method, bytes: line.count - 1, limit: messageLimit)
+            }
+            pending[number] = channel
+            return nil
         }
-        let channel = ResponseChannel(id: id, method: method) { [weak self] in self?.cancel(id) }
-        let dead: ProcessExit? = lock.withLock {
-            if exitValue == nil { pending[id] = channel }
-            return exitValue
-        }
-        if let dead { return .failed(SidecarError.processExited(dead), id: id, method: method) }
+        if let refusal { return .failed(refusal, id: id, method: method) }
         if let timeout {
             channel.setTimer(Task { [weak self, weak channel] in
                 try? await Task.sleep(for: timeout)
@@ -67,31 +69,32 @@ final class Connection: @unchecked Sendable {
             // if it exits soon, `exited` fails the request with them.
             Task { [weak self] in
                 guard let self, await process.waitForExit(timeout: .seconds(1)) == nil else { return }
-                finish(id, with: .failure(error))
+                finish(number, with: .failure(error))
             }
         }
         return channel
     }
 
     func notify<Params: Encodable>(_ method: String, params: Params?) throws {
-        try process.write(try encode(OutgoingMessage(id: nil, method: method, params: params)), method: method)
+        try process.write(try requestFrame(id: nil, method: method, params: params, encoder: encoder), method: method)
     }
 
     // ----- called by the reader thread
 
     private let decoder = JSONDecoder()
 
-    private func receive(_ line: Data) {
-        if let id = responseID(line) { return finish(id, with: .response(line)) }
-        if let token = tokenEvent(line) { return route(.token(token)) }
+    private func receive(_ bytes: UnsafeRawBufferPointer) {
+        if let id = responseID(bytes) { return finish(id, with: isEmptyResult(bytes) ? .emptyResult : .response(Data(bytes))) }
+        if let token = tokenEvent(bytes) { return route(.token(token)) }
+        let line = Data(bytes)
         guard let message = try? decoder.decode(IncomingMessage.self, from: line) else { return }
         switch message.body {
         case .event(let event):
             route(event)
-        case .response(let id):
+        case .response(.int(let id)):
             finish(id, with: .response(line))
-        case .other:
-            break
+        case .response, .other:
+            break  // a string id is none of ours
         }
     }
 
@@ -108,26 +111,22 @@ final class Connection: @unchecked Sendable {
     // ----- helpers
 
     private func route(_ event: SidecarEvent) {
-        lock.withLock { pending[event.requestID] }?.push(.event(event))
+        guard case .int(let id) = event.requestID else { return }
+        lock.withLock { pending[id] }?.push(.event(event))
     }
 
-    private func finish(_ id: RequestID, with item: ResponseChannel.Item) {
+    private func finish(_ id: Int, with item: ResponseChannel.Item) {
         lock.withLock { pending.removeValue(forKey: id) }?.push(item)
     }
 
-    private func cancel(_ id: RequestID) {
+    func cancel(_ id: RequestID) {
         try? notify("$/cancel", params: CancelParams(id: id))
     }
 
     private func timedOut(_ channel: ResponseChannel, after timeout: Duration) {
         channel.cancel()
-        finish(channel.id, with: .failure(SidecarError.timeout(method: channel.method, after: timeout)))
-    }
-
-    private func encode(_ message: some Encodable) throws -> Data {
-        var line = try encoder.encode(message)
-        line.append(0x0A)
-        return line
+        guard case .int(let id) = channel.id else { return }
+        finish(id, with: .failure(SidecarError.timeout(method: channel.method, after: timeout)))
     }
 
     /// Lets the process's callbacks reach the connection without keeping it alive.

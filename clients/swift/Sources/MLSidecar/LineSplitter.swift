@@ -12,6 +12,12 @@ public struct LineSplitter: Sendable {
 
     /// Feeds one chunk; calls `emit` for every line it completes.
     public mutating func feed(_ chunk: UnsafeRawBufferPointer, _ emit: (Data) -> Void) {
+        feedBytes(chunk) { emit(Data($0)) }
+    }
+
+    /// The same, lending each line's bytes (valid during the call): the reader thread copies only
+    /// the lines it keeps.
+    mutating func feedBytes(_ chunk: UnsafeRawBufferPointer, _ emit: (UnsafeRawBufferPointer) -> Void) {
         guard let base = chunk.baseAddress else { return }
         var start = 0
         while start < chunk.count, let hit = memchr(base + start, 0x0A, chunk.count - start) {
@@ -36,6 +42,10 @@ public struct LineSplitter: Sendable {
 
     /// End of input: an unterminated last line still counts.
     public mutating func finish(_ emit: (Data) -> Void) {
+        finishBytes { emit(Data($0)) }
+    }
+
+    mutating func finishBytes(_ emit: (UnsafeRawBufferPointer) -> Void) {
         guard !partial.isEmpty else { return }
         let first = isFirstLine
         isFirstLine = false
@@ -43,11 +53,11 @@ public struct LineSplitter: Sendable {
         partial = []
     }
 
-    private static func emitLine(_ line: UnsafeRawBufferPointer, first: Bool, _ emit: (Data) -> Void) {
+    private static func emitLine(_ line: UnsafeRawBufferPointer, first: Bool, _ emit: (UnsafeRawBufferPointer) -> Void) {
         var bytes = line[...]
         if first, bytes.starts(with: [0xEF, 0xBB, 0xBF]) { bytes = bytes.dropFirst(3) }
         if bytes.last == 0x0D { bytes = bytes.dropLast() }
         guard bytes.contains(where: { $0 != 0x20 && $0 != 0x09 && $0 != 0x0D }) else { return }
-        emit(Data(UnsafeRawBufferPointer(rebasing: bytes)))
+        emit(UnsafeRawBufferPointer(rebasing: bytes))
     }
 }

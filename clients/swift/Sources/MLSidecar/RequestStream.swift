@@ -21,7 +21,7 @@ public struct RequestStream<Value: Decodable & Sendable>: AsyncSequence, Sendabl
     final class Handle: Sendable {
         let channel: ResponseChannel
         init(_ channel: ResponseChannel) { self.channel = channel }
-        deinit { channel.cancel() }
+        deinit { channel.dropped() }
     }
 
     private let handle: Handle
@@ -47,35 +47,35 @@ public struct RequestStream<Value: Decodable & Sendable>: AsyncSequence, Sendabl
         public mutating func next() async throws -> RequestUpdate<Value>? {
             guard !done else { return nil }
             if index == batch.count {
-                let channel = handle.channel
-                batch = await withTaskCancellationHandler { await channel.take() } onCancel: { channel.cancel() }
+                batch = await handle.channel.take()
                 index = 0
                 if batch.isEmpty { done = true; return nil }
             }
             let item = batch[index]
             index += 1
-            switch item {
-            case .event(let event):
-                return .event(event)
-            case .response(let line):
-                done = true
-                return .result(try ResponseBody<Value>.decode(line, method: handle.channel.method))
-            case .failure(let error):
-                done = true
-                throw error
-            }
+            if case .event(let event) = item { return .event(event) }
+            done = true
+            return .result(try MLSidecar.result(of: item, as: Value.self, method: handle.channel.method))
         }
     }
 
     /// Waits for the result, passing each event to `onEvent`.
+    /// (It reads the mailbox directly, not through the iterator: fewer generic types to look up
+    /// per call, which a `ping` round trip notices.)
     public func result(isolation: isolated (any Actor)? = #isolation,
                        onEvent: (SidecarEvent) async throws -> Void = { _ in }) async throws -> Value {
-        for try await update in self {
-            switch update {
-            case .event(let event): try await onEvent(event)
-            case .result(let value): return value
+        let channel = handle.channel
+        while true {
+            let batch = await channel.take()
+            for item in batch {
+                if case .event(let event) = item {
+                    try await onEvent(event)
+                } else {
+                    return try MLSidecar.result(of: item, as: Value.self, method: channel.method)
+                }
             }
+            if batch.isEmpty { break }
         }
-        throw SidecarError.invalidResponse(method: handle.channel.method, reason: "the stream ended without a result")
+        throw SidecarError.invalidResponse(method: channel.method, reason: "the stream ended without a result")
     }
 }

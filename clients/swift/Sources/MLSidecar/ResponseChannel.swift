@@ -1,12 +1,23 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 /// The mailbox of one request: its events in order, then exactly one final item. Filled by the
 /// reader thread, emptied by one consumer; batches keep locking to once per wake-up.
 final class ResponseChannel: @unchecked Sendable {
     enum Item: Sendable {
         case event(SidecarEvent)
+        /// `"result":{}` (ping's answer), passed on without a copy of the line.
+        case emptyResult
         case response(Data)
         case failure(any Error)
+
+        var isFinal: Bool { if case .event = self { false } else { true } }
     }
 
     let id: RequestID
@@ -16,13 +27,16 @@ final class ResponseChannel: @unchecked Sendable {
     private var waiter: UnsafeContinuation<[Item], Never>?
     private var closed = false
     private var cancelSent = false
-    private var sendCancel: (@Sendable () -> Void)?
+    private weak var connection: Connection?
     private var timer: Task<Void, Never>?
+    // Touched by the consumer only (one at a time, in sequence).
+    private var leadBudget = ResponseChannel.leadBudget
+    private var consumed = false
 
-    init(id: RequestID, method: String, sendCancel: (@Sendable () -> Void)? = nil) {
+    init(id: RequestID, method: String, connection: Connection? = nil) {
         self.id = id
         self.method = method
-        self.sendCancel = sendCancel
+        self.connection = connection
     }
 
     static func failed(_ error: any Error, id: RequestID, method: String) -> ResponseChannel {
@@ -35,10 +49,10 @@ final class ResponseChannel: @unchecked Sendable {
     func push(_ item: Item) {
         lock.lock()
         guard !closed else { return lock.unlock() }
-        if case .event = item {} else {
+        if item.isFinal {
             closed = true
             timer?.cancel()
-            sendCancel = nil
+            timer = nil
         }
         if let waiter {
             self.waiter = nil
@@ -51,11 +65,29 @@ final class ResponseChannel: @unchecked Sendable {
     }
 
     /// The items so far, waiting for one if there are none; empty once the final item was taken.
+    /// Cancelling the waiting task asks the sidecar to cancel, and the wait goes on for its answer.
     func take() async -> [Item] {
-        if let items = takeNow(orWait: nil) { return items }
-        return await withUnsafeContinuation { continuation in
-            if let items = takeNow(orWait: continuation) { continuation.resume(returning: items) }
+        if let items = takeNow(orWait: nil) ?? lead() {
+            if Task.isCancelled { cancel() }  // as the handler below would have
+            return taken(items)
         }
+        let items = await withTaskCancellationHandler {
+            await withUnsafeContinuation { continuation in
+                if let items = takeNow(orWait: continuation) {
+                    continuation.resume(returning: items)
+                } else {
+                    connection?.process.stdout.ensureReading()
+                }
+            }
+        } onCancel: {
+            cancel()
+        }
+        return taken(items)
+    }
+
+    private func taken(_ items: [Item]) -> [Item] {
+        if items.last?.isFinal ?? true { consumed = true }
+        return items
     }
 
     private func takeNow(orWait continuation: UnsafeContinuation<[Item], Never>?) -> [Item]? {
@@ -69,13 +101,38 @@ final class ResponseChannel: @unchecked Sendable {
         }
     }
 
+    private var hasItems: Bool { lock.withLock { !buffer.isEmpty || closed } }
+
+    /// Before parking, read the pipe for up to `leadBudget` (see `StdoutReader`): a quick answer
+    /// then reaches this task with no thread hand-off. Bounded: each wait that times out halves
+    /// the budget for this request's later waits (a slow stream soon stops leading; a long
+    /// request blocks its thread in `select` for one budget, 100 µs, once).
+    static let leadBudget: UInt64 = 100_000  // ns
+
+    private func lead() -> [Item]? {
+        guard leadBudget >= 2_000, let connection else { return nil }
+        let outcome = connection.process.stdout.lead(budget: leadBudget, ready: { hasItems },
+                                                     stillPending: { connection.hasPending })
+        switch outcome {
+        case true?: return takeNow(orWait: nil)
+        case false?: leadBudget /= 2
+        case nil: break
+        }
+        return nil
+    }
+
     /// Asks the sidecar to cancel (once); the request still ends with its response.
     func cancel() {
         lock.lock()
-        let send = cancelSent || closed ? nil : sendCancel
+        let send = !cancelSent && !closed
         cancelSent = true
         lock.unlock()
-        send?()
+        if send { connection?.cancel(id) }
+    }
+
+    /// The last copy of the request's stream is gone: cancel it, unless its end was taken.
+    func dropped() {
+        if !consumed { cancel() }
     }
 
     func setTimer(_ task: Task<Void, Never>) {

@@ -60,15 +60,20 @@ public actor SidecarClient {
     public func request<Params: Encodable & Sendable, Value: Decodable & Sendable>(
         _ method: String, params: Params, as type: Value.Type = Value.self, timeout: Duration? = nil
     ) -> RequestStream<Value> {
+        send(method, params: params, timeout: timeout)
+    }
+
+    /// Sends any request as JSON, for methods this client has no types for (nil params are left out).
+    public func request(method: String, params: JSONValue? = nil, timeout: Duration? = nil) -> RequestStream<JSONValue> {
+        send(method, params: params, timeout: timeout)
+    }
+
+    private func send<Params: Encodable, Value: Decodable & Sendable>(_ method: String, params: Params?,
+                                                                      timeout: Duration?) -> RequestStream<Value> {
         guard let connection else {
             return RequestStream(.failed(SidecarError.notRunning, id: 0, method: method))
         }
         return RequestStream(connection.start(method, params: params, timeout: timeout ?? configuration.requestTimeout))
-    }
-
-    /// Sends any request as JSON, for methods this client has no types for.
-    public func request(method: String, params: JSONValue? = nil, timeout: Duration? = nil) -> RequestStream<JSONValue> {
-        request(method, params: params, as: JSONValue.self, timeout: timeout)
     }
 
     /// Sends a notification (no answer).

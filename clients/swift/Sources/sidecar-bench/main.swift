@@ -1,6 +1,10 @@
 // sidecar-bench: what the Swift client costs on top of the raw pipes.
 //
-//   swift run -c release sidecar-bench [--runs 5] [--pings 2000] [--tokens 200000] [--python python3] [--json FILE]
+//   swift run -c release sidecar-bench [--runs 5] [--pings 2000] [--tokens 200000] [--token-runs 3]
+//                                      [--python python3] [--home DIR] [--json FILE]
+//
+// --home: the sidecars' MLSIDECAR_HOME (default: a fresh temporary directory, removed at the end).
+// bench/clients.py runs this with --runs 1 --json, round by round against the Python host.
 //
 // (a) ping round trip, one at a time: through SidecarClient vs the raw baseline (RawSidecar: the
 //     JSON line written and read on the same kind of child pipes, no client layer); the median of
@@ -10,7 +14,8 @@
 import Foundation
 import MLSidecar
 
-var settings = (runs: 5, pings: 2000, tokens: 200_000, python: "python3", json: String?.none)
+var settings = (runs: 5, pings: 2000, tokens: 200_000, tokenRuns: Int?.none, python: "python3", json: String?.none,
+                home: String?.none)
 var arguments = CommandLine.arguments.dropFirst()
 while let flag = arguments.popFirst() {
     let value = arguments.popFirst() ?? ""
@@ -18,15 +23,18 @@ while let flag = arguments.popFirst() {
     case "--runs": settings.runs = Int(value) ?? settings.runs
     case "--pings": settings.pings = Int(value) ?? settings.pings
     case "--tokens": settings.tokens = Int(value) ?? settings.tokens
+    case "--token-runs": settings.tokenRuns = Int(value)
+    case "--home": settings.home = value
     case "--python": settings.python = value
     case "--json": settings.json = value
     default: FileHandle.standardError.write(Data("unknown option \(flag)\n".utf8)); exit(2)
     }
 }
 
-let home = FileManager.default.temporaryDirectory.appendingPathComponent("sidecar-bench-\(UUID().uuidString)")
+let home = settings.home.map { URL(fileURLWithPath: $0) }
+    ?? FileManager.default.temporaryDirectory.appendingPathComponent("sidecar-bench-\(UUID().uuidString)")
 try FileManager.default.createDirectory(at: home, withIntermediateDirectories: true)
-defer { try? FileManager.default.removeItem(at: home) }
+defer { if settings.home == nil { try? FileManager.default.removeItem(at: home) } }
 let repoRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
     .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
 let environment = ProcessInfo.processInfo.environment.merging([
@@ -82,8 +90,9 @@ for _ in 0..<settings.runs {
     rawPings.append(raw.pingRun(settings.pings))
     clientPings.append(try await clientPingRun(client, settings.pings))
 }
-_ = try await clientTokenRun(client, 10_000)
-for _ in 0..<max(3, settings.runs / 2) {
+let tokenRuns = settings.tokenRuns ?? max(3, settings.runs / 2)  // 0: pings only
+if tokenRuns > 0 { _ = try await clientTokenRun(client, 10_000) }
+for _ in 0..<tokenRuns {
     rawTokens.append(raw.tokenRun(settings.tokens))
     clientTokens.append(try await clientTokenRun(client, settings.tokens))
 }
@@ -105,11 +114,11 @@ let report: JSONValue = [
     "ping_us": ["client_median": .double(ping.client), "raw_median": .double(ping.raw), "ratio": .double(ratio),
                 "client_runs": .array(clientPings.map { .double($0 * 1e6) }), "raw_runs": .array(rawPings.map { .double($0 * 1e6) }),
                 "pings_per_run": .int(settings.pings)],
-    "tokens_per_s": ["client_median": .double(tokens.client), "raw_median": .double(tokens.raw),
+    "tokens_per_s": tokenRuns == 0 ? nil : ["client_median": .double(tokens.client), "raw_median": .double(tokens.raw),
                      "client_runs": .array(clientTokens.map(JSONValue.double)), "raw_runs": .array(rawTokens.map(JSONValue.double)),
                      "tokens_per_run": .int(settings.tokens)],
     "targets": ["ping_ratio_max": 1.05, "tokens_per_s_min": 50000],
-    "met": ["ping": .bool(ratio <= 1.05), "tokens": .bool(tokens.client >= 50_000)],
+    "met": ["ping": .bool(ratio <= 1.05), "tokens": tokenRuns == 0 ? nil : .bool(tokens.client >= 50_000)],
 ]
 print(report)
 if let path = settings.json { try Data(report.description.utf8).write(to: URL(fileURLWithPath: path)) }

@@ -135,6 +135,46 @@ struct SidecarTests {
         throw SidecarError.invalidResponse(method: "test", reason: "request \(stream.id) did not fail with processExited")
     }
 
+    /// Many requests in flight on one connection, answered in any order, while a stream runs:
+    /// whichever task reads the pipe (the reader thread or a waiting task, see StdoutReader),
+    /// every answer and event reaches its own request, in order.
+    @Test func concurrentRequestsAndAStreamShareThePipe() async throws {
+        let client = try await Sidecars.started(debug: true)
+        let streamed = Task {
+            var seqs: [Int] = []
+            let result = try await client.debugStream(DebugStreamParams(count: 20_000, text: "s")).result { event in
+                if case .token(let token) = event { seqs.append(token.seq) }
+            }
+            return (seqs, result.count)
+        }
+        try await withThrowingTaskGroup(of: Int.self) { group in
+            for _ in 0..<8 {
+                group.addTask {
+                    for _ in 0..<200 { _ = try await client.ping().result() }
+                    return 200
+                }
+            }
+            group.addTask {  // small streams, each awaited as a whole
+                var total = 0
+                for n in 1...20 { total += try await client.debugStream(DebugStreamParams(count: n)).result().count }
+                return total
+            }
+            var answers = 0
+            for try await n in group { answers += n }
+            #expect(answers == 8 * 200 + 210)
+        }
+        let (seqs, count) = try await streamed.value
+        #expect(count == 20_000 && seqs == Array(0..<20_000))
+
+        // A request awaited only later: its answer waits in the pipe (or its mailbox) meanwhile.
+        let late = await client.ping()
+        let status = await client.status()
+        try await Task.sleep(for: .milliseconds(50))
+        _ = try await status.result()
+        _ = try await late.result()
+        await client.shutdown()
+    }
+
     @Test func twoSidecarsInOneProcess() async throws {
         async let first = Sidecars.started(debug: true)
         async let second = Sidecars.started(debug: true)
