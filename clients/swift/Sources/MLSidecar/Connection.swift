@@ -45,7 +45,7 @@ final class Connection: @unchecked Sendable {
         } catch {
             return .failed(error, id: id, method: method)
         }
-        let channel = ResponseChannel(id: id, method: method, connection: self)
+        let channel = ResponseChannel(id: id, method: method, connection: self, lock: lock)
         let refusal: SidecarError? = lock.withLock {
             if let exitValue { return .processExited(exitValue) }
             if line.count - 1 > messageLimit {
@@ -112,11 +112,17 @@ final class Connection: @unchecked Sendable {
 
     private func route(_ event: SidecarEvent) {
         guard case .int(let id) = event.requestID else { return }
-        lock.withLock { pending[id] }?.push(.event(event))
+        lock.lock()
+        let resume = pending[id]?.pushLocked(.event(event))
+        lock.unlock()
+        resume?()
     }
 
     private func finish(_ id: Int, with item: ResponseChannel.Item) {
-        lock.withLock { pending.removeValue(forKey: id) }?.push(item)
+        lock.lock()
+        let resume = pending.removeValue(forKey: id)?.pushLocked(item)
+        lock.unlock()
+        resume?()
     }
 
     func cancel(_ id: RequestID) {

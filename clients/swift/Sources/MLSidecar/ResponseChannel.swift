@@ -8,7 +8,9 @@ import Darwin
 #endif
 
 /// The mailbox of one request: its events in order, then exactly one final item. Filled by the
-/// reader thread, emptied by one consumer; batches keep locking to once per wake-up.
+/// reader (thread or leading task), emptied by one consumer; batches keep locking to once per
+/// wake-up. Its lock is its connection's (one lock for the pending table and all its mailboxes:
+/// routing a line takes it once, and a request allocates no lock of its own).
 final class ResponseChannel: @unchecked Sendable {
     enum Item: Sendable {
         case event(SidecarEvent)
@@ -22,7 +24,7 @@ final class ResponseChannel: @unchecked Sendable {
 
     let id: RequestID
     let method: String
-    private let lock = NSLock()
+    private let lock: NSLock
     private var buffer: [Item] = []
     private var waiter: UnsafeContinuation<[Item], Never>?
     private var closed = false
@@ -33,10 +35,11 @@ final class ResponseChannel: @unchecked Sendable {
     private var leadBudget = ResponseChannel.leadBudget
     private var consumed = false
 
-    init(id: RequestID, method: String, connection: Connection? = nil) {
+    init(id: RequestID, method: String, connection: Connection? = nil, lock: NSLock = NSLock()) {
         self.id = id
         self.method = method
         self.connection = connection
+        self.lock = lock
     }
 
     static func failed(_ error: any Error, id: RequestID, method: String) -> ResponseChannel {
@@ -48,20 +51,25 @@ final class ResponseChannel: @unchecked Sendable {
     /// Adds an item; anything after the final item is dropped.
     func push(_ item: Item) {
         lock.lock()
-        guard !closed else { return lock.unlock() }
+        let resume = pushLocked(item)
+        lock.unlock()
+        resume?()
+    }
+
+    /// The same with the lock held: what to call once it is released (a parked consumer to resume).
+    func pushLocked(_ item: Item) -> (() -> Void)? {
+        guard !closed else { return nil }
         if item.isFinal {
             closed = true
             timer?.cancel()
             timer = nil
         }
-        if let waiter {
-            self.waiter = nil
-            lock.unlock()
-            waiter.resume(returning: [item])
-        } else {
+        guard let waiter else {
             buffer.append(item)
-            lock.unlock()
+            return nil
         }
+        self.waiter = nil
+        return { waiter.resume(returning: [item]) }
     }
 
     /// The items so far, waiting for one if there are none; empty once the final item was taken.

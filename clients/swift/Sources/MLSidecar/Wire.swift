@@ -9,74 +9,93 @@ let sharedDecoder = JSONDecoder()
 /// typed params struct is encoded exactly as before. Field order as JSONEncoder wrote it.
 func requestFrame<Params: Encodable>(id: RequestID?, method: String, params: Params?,
                                      encoder: @autoclosure () -> JSONEncoder) throws -> [UInt8] {
-    var out: [UInt8] = []
-    out.reserveCapacity(80 + method.utf8.count)
-    append(#"{"jsonrpc":"2.0""#, to: &out)
-    if let id {
-        append(#","id":"#, to: &out)
-        switch id {
-        case .int(let value): appendDecimal(value, to: &out)
-        case .string(let value): appendJSONString(value, to: &out)
-        }
-    }
-    append(#","method":"#, to: &out)
-    appendJSONString(method, to: &out)
-    if let params {
-        append(#","params":"#, to: &out)
-        if params is Empty {
-            append("{}", to: &out)
-        } else {
-            out.append(contentsOf: try encoder().encode(params))
-        }
-    }
-    append("}\n", to: &out)
-    return out
-}
-
-private func append(_ literal: StaticString, to out: inout [UInt8]) {
-    out.append(contentsOf: UnsafeBufferPointer(start: literal.utf8Start, count: literal.utf8CodeUnitCount))
-}
-
-private func appendDecimal(_ value: Int, to out: inout [UInt8]) {
-    if value < 0 { out.append(UInt8(ascii: "-")) }
-    var magnitude = value.magnitude
-    withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 20) { digits in  // UInt64.max has 20
-        var index = digits.count
-        repeat {
-            index -= 1
-            digits[index] = UInt8(ascii: "0") + UInt8(magnitude % 10)
-            magnitude /= 10
-        } while magnitude > 0
-        out.append(contentsOf: digits[index...])
-    }
-}
-
-/// A JSON string: quotes, backslashes and control characters escaped, everything else as UTF-8
-/// (slashes unescaped, as `.withoutEscapingSlashes` wrote them).
-func appendJSONString(_ string: String, to out: inout [UInt8]) {
-    out.append(UInt8(ascii: "\""))
-    var string = string
-    string.withUTF8 { bytes in
-        guard bytes.contains(where: { $0 < 0x20 || $0 == UInt8(ascii: "\"") || $0 == UInt8(ascii: "\\") }) else {
-            return out.append(contentsOf: bytes)  // the usual case: nothing to escape
-        }
-        for byte in bytes {
-            switch byte {
-            case UInt8(ascii: "\""): append(#"\""#, to: &out)
-            case UInt8(ascii: "\\"): append(#"\\"#, to: &out)
-            case 0x0A: append(#"\n"#, to: &out)
-            case 0x0D: append(#"\r"#, to: &out)
-            case 0x09: append(#"\t"#, to: &out)
-            case 0..<0x20:
-                let hex: StaticString = "0123456789abcdef"
-                append(#"\u00"#, to: &out)
-                out.append(hex.utf8Start[Int(byte >> 4)])
-                out.append(hex.utf8Start[Int(byte & 0xF)])
-            default: out.append(byte)
+    let encoded: Data? = try params.flatMap { $0 is Empty ? nil : try encoder().encode($0) }
+    var method = method, stringID: String? = nil
+    if case .string(let value) = id { stringID = value }
+    // At most 6 bytes per byte of a JSON string (\u00XX); 20 digits and a sign for an Int.
+    let bound = 64 + 6 * method.utf8.count + 6 * (stringID?.utf8.count ?? 0) + (encoded?.count ?? 0)
+    return Array(unsafeUninitializedCapacity: bound) { buffer, count in
+        var out = ByteWriter(buffer.baseAddress!)
+        out.put(#"{"jsonrpc":"2.0""#)
+        if let id {
+            out.put(#","id":"#)
+            switch id {
+            case .int(let value): out.putDecimal(value)
+            case .string(var value): value.withUTF8 { out.putJSONString($0) }
             }
         }
+        out.put(#","method":"#)
+        method.withUTF8 { out.putJSONString($0) }
+        if params != nil {
+            out.put(#","params":"#)
+            if let encoded {
+                encoded.withUnsafeBytes { out.put($0) }
+            } else {
+                out.put("{}")
+            }
+        }
+        out.put("}\n")
+        count = buffer.baseAddress!.distance(to: out.next)
+        precondition(count <= bound)
     }
-    out.append(UInt8(ascii: "\""))
+}
+
+/// Writes bytes into memory known to be large enough.
+private struct ByteWriter {
+    var next: UnsafeMutablePointer<UInt8>
+    init(_ start: UnsafeMutablePointer<UInt8>) { next = start }
+
+    mutating func put(_ literal: StaticString) {
+        next.update(from: literal.utf8Start, count: literal.utf8CodeUnitCount)
+        next += literal.utf8CodeUnitCount
+    }
+
+    mutating func put(_ bytes: UnsafeRawBufferPointer) {
+        guard let base = bytes.baseAddress else { return }
+        UnsafeMutableRawPointer(next).copyMemory(from: base, byteCount: bytes.count)
+        next += bytes.count
+    }
+
+    mutating func put(_ byte: UInt8) {
+        next.pointee = byte
+        next += 1
+    }
+
+    mutating func putDecimal(_ value: Int) {
+        if value < 0 { put(UInt8(ascii: "-")) }
+        var magnitude = value.magnitude, digits = 1
+        var rest = magnitude
+        while rest >= 10 { rest /= 10; digits += 1 }
+        var index = digits
+        repeat {
+            index -= 1
+            next[index] = UInt8(ascii: "0") + UInt8(magnitude % 10)
+            magnitude /= 10
+        } while index > 0
+        next += digits
+    }
+
+    /// A JSON string: quotes, backslashes and control characters escaped, everything else as
+    /// UTF-8 (slashes unescaped, as `.withoutEscapingSlashes` wrote them).
+    mutating func putJSONString(_ bytes: UnsafeBufferPointer<UInt8>) {
+        put(UInt8(ascii: "\""))
+        for byte in bytes {
+            switch byte {
+            case UInt8(ascii: "\""): put(#"\""#)
+            case UInt8(ascii: "\\"): put(#"\\"#)
+            case 0x0A: put(#"\n"#)
+            case 0x0D: put(#"\r"#)
+            case 0x09: put(#"\t"#)
+            case 0..<0x20:
+                let hex: StaticString = "0123456789abcdef"
+                put(#"\u00"#)
+                put(hex.utf8Start[Int(byte >> 4)])
+                put(hex.utf8Start[Int(byte & 0xF)])
+            default: put(byte)
+            }
+        }
+        put(UInt8(ascii: "\""))
+    }
 }
 
 /// A line from the sidecar, decoded only as far as routing needs: events fully (they are the hot
