@@ -109,8 +109,6 @@ final class ResponseChannel: @unchecked Sendable {
         }
     }
 
-    private var hasItems: Bool { lock.withLock { !buffer.isEmpty || closed } }
-
     /// Before parking, read the pipe for up to `leadBudget` (see `StdoutReader`): a quick answer
     /// then reaches this task with no thread hand-off. Bounded: each wait that times out halves
     /// the budget for this request's later waits (a slow stream soon stops leading; a long
@@ -119,14 +117,13 @@ final class ResponseChannel: @unchecked Sendable {
 
     private func lead() -> [Item]? {
         guard leadBudget >= 2_000, let connection else { return nil }
-        let outcome = connection.process.stdout.lead(budget: leadBudget, ready: { hasItems },
-                                                     stillPending: { connection.hasPending })
-        switch outcome {
-        case true?: return takeNow(orWait: nil)
-        case false?: leadBudget /= 2
-        case nil: break
-        }
-        return nil
+        var items: [Item]?
+        let outcome = connection.process.stdout.lead(budget: leadBudget, ready: {
+            items = takeNow(orWait: nil)
+            return items != nil
+        }, stillPending: { connection.hasPending })
+        if outcome == false { leadBudget /= 2 }
+        return items
     }
 
     /// Asks the sidecar to cancel (once); the request still ends with its response.

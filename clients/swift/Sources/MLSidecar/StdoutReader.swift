@@ -83,23 +83,28 @@ final class StdoutReader: @unchecked Sendable {
             return nil
         }
         leading = true
+        var got = drain()  // often the answer is there: the sidecar ran while this thread was preempted in write(2)
+        var end = ended
         condition.unlock()
-        // Poll with non-blocking reads, yielding the CPU in between (on a small machine the
+        // Then poll with non-blocking reads, yielding the CPU in between (on a small machine the
         // sidecar needs it). No blocking: being woken by the kernel is the cost avoided here.
-        var done = ready()  // the thread may have read the answer just before this task led
-        let start = DispatchTime.now().uptimeNanoseconds
-        while !done {
-            condition.lock()
-            let got = drain()
-            let end = ended
-            condition.unlock()
-            if end { break }
-            if got {
-                done = ready()
-            } else if DispatchTime.now().uptimeNanoseconds &- start < budget {
-                sched_yield()
-            } else {
-                break
+        var done = ready()  // also when the thread read the answer just before this task led
+        if !done && !end {
+            let start = DispatchTime.now().uptimeNanoseconds
+            while true {
+                if !got {
+                    if DispatchTime.now().uptimeNanoseconds &- start >= budget { break }
+                    sched_yield()
+                }
+                condition.lock()
+                got = drain()
+                end = ended
+                condition.unlock()
+                if end { break }
+                if got, ready() {
+                    done = true
+                    break
+                }
             }
         }
         condition.lock()
