@@ -7,10 +7,14 @@
 // The contestants take turns in blocks of 200 sequential pings, so neighbouring blocks see the same
 // background load (the machine may be shared); the ratio is the median of the per-round ratios.
 // Every run starts fresh sidecars, so no contestant keeps a faster-placed process throughout.
-// Usage: node bench/bench.mjs [--pings 2000] [--runs 7] [--tokens 200000]
+// Usage: node bench/bench.mjs [--pings 2000] [--runs 7] [--tokens 200000] [--token-runs 3] [--home DIR] [--json FILE]
+//   --home: the sidecars' MLSIDECAR_HOME (default: a fresh temporary directory, removed at the end)
+//   --json: also write the report to FILE (bench/clients.py reads it)
+// Also reported: the median of the per-ping round trips of each contestant (ping_median_us), the
+// statistic bench/protocol.py and bench/clients.py compare.
 
 import { spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -18,14 +22,18 @@ import { parseArgs } from "node:util";
 import { SidecarClient } from "../src/index.js";
 
 const { values } = parseArgs({
-  options: { pings: { type: "string", default: "2000" }, runs: { type: "string", default: "7" }, tokens: { type: "string", default: "200000" } },
+  options: {
+    pings: { type: "string", default: "2000" }, runs: { type: "string", default: "7" }, tokens: { type: "string", default: "200000" },
+    "token-runs": { type: "string", default: "3" }, home: { type: "string" }, json: { type: "string" },
+  },
 });
 const PINGS = Number(values.pings);
 const RUNS = Number(values.runs);
 const TOKENS = Number(values.tokens);
+const TOKEN_RUNS = Number(values["token-runs"]);
 
 const REPO = fileURLToPath(new URL("../../../", import.meta.url));
-const home = mkdtempSync(join(tmpdir(), "mlsidecar-node-bench-"));
+const home = values.home ?? mkdtempSync(join(tmpdir(), "mlsidecar-node-bench-"));
 const command = process.env.MLSIDECAR_PYTHON ?? "python3";
 const args = ["-m", "sidecar", "--debug"];
 const env = {
@@ -78,15 +86,22 @@ const BLOCK = 200;
 async function pingRun(contestants, count) {
   const names = Object.keys(contestants);
   const perPing = Object.fromEntries(names.map((name) => [name, []]));
+  const single = Object.fromEntries(names.map((name) => [name, []]));
   for (let round = 0; round < count / BLOCK; round++) {
     for (let turn = 0; turn < names.length; turn++) {
       const name = names[(round + turn) % names.length];
+      const call = contestants[name];
+      const times = single[name];
       const started = process.hrtime.bigint();
-      for (let i = 1; i <= BLOCK; i++) await contestants[name](round * BLOCK + i);
+      for (let i = 1; i <= BLOCK; i++) {
+        const t0 = process.hrtime.bigint();
+        await call(round * BLOCK + i);
+        times.push(Number(process.hrtime.bigint() - t0) / 1e3);
+      }
       perPing[name].push(Number(process.hrtime.bigint() - started) / 1e3 / BLOCK);
     }
   }
-  return perPing;
+  return { perPing, single };
 }
 
 async function clientTokens(client, count) {
@@ -121,33 +136,41 @@ async function startContestants() {
 
 try {
   const runs = [];
+  const singles = [];
   for (let run = 0; run < RUNS; run++) {
     const { contestants, stop } = await startContestants();
     await pingRun(contestants, 600); // warm up
-    runs.push(await pingRun(contestants, PINGS));
+    const { perPing, single } = await pingRun(contestants, PINGS);
+    runs.push(perPing);
+    singles.push(single);
     await stop();
   }
   const blocks = (name) => runs.flatMap((run) => run[name]);
   const ratios = (base) => runs.flatMap((run) => run.client.map((us, round) => us / run[base][round]));
+  const names = Object.keys(runs[0]);
+  const pingMedians = Object.fromEntries(names.map((name) => [name, median(singles.flatMap((run) => run[name]))]));
 
   const tokens = { raw_json: [], client: [] };
-  const { rawJson, client, stop } = await startContestants();
-  for (let run = 0; run < 3; run++) {
-    tokens.raw_json.push(await rawTokens(rawJson, TOKENS, run));
-    tokens.client.push(await clientTokens(client, TOKENS));
+  if (TOKEN_RUNS > 0) { // --token-runs 0: pings only
+    const { rawJson, client, stop } = await startContestants();
+    for (let run = 0; run < TOKEN_RUNS; run++) {
+      tokens.raw_json.push(await rawTokens(rawJson, TOKENS, run));
+      tokens.client.push(await clientTokens(client, TOKENS));
+    }
+    await stop();
   }
-  await stop();
 
   const report = {
     pings_per_run: PINGS,
     runs: RUNS,
     block: BLOCK,
-    ping_us: Object.fromEntries(Object.keys(runs[0]).map((name) => [name, median(blocks(name))])),
+    ping_us: Object.fromEntries(names.map((name) => [name, median(blocks(name))])),
+    ping_median_us: pingMedians,
     ratio_client_to_raw_json: median(ratios("raw_json")),
     ratio_client_to_raw_bytes: median(ratios("raw_bytes")),
     ratio_of_run_medians: runs.map((run) => median(run.client) / median(run.raw_json)),
     tokens: TOKENS,
-    tokens_per_s: { raw_json: median(tokens.raw_json), client: median(tokens.client) },
+    tokens_per_s: TOKEN_RUNS > 0 ? { raw_json: median(tokens.raw_json), client: median(tokens.client) } : null,
     detail: { tokens_per_s: tokens },
   };
   const row = (name, value, target = "") => console.log(`${name.padEnd(40)}${value.padStart(18)}   ${target}`);
@@ -158,9 +181,13 @@ try {
   row("ping through the client", us("client"));
   row("client / raw JSON (per round)", report.ratio_client_to_raw_json.toFixed(3), "<= 1.05");
   row("client / raw bytes (per round)", report.ratio_client_to_raw_bytes.toFixed(3));
-  row(`$/token, raw pipe + JSON.parse (${TOKENS})`, `${Math.round(report.tokens_per_s.raw_json)}/s`);
-  row("$/token to a for-await loop", `${Math.round(report.tokens_per_s.client)}/s`, ">= 50000/s");
+  if (report.tokens_per_s) {
+    row(`$/token, raw pipe + JSON.parse (${TOKENS})`, `${Math.round(report.tokens_per_s.raw_json)}/s`);
+    row("$/token to a for-await loop", `${Math.round(report.tokens_per_s.client)}/s`, ">= 50000/s");
+  }
+  row("ping through the client, per-ping median", `${report.ping_median_us.client.toFixed(1)} µs`);
   console.log(JSON.stringify(report));
+  if (values.json) writeFileSync(values.json, JSON.stringify(report, null, 2) + "\n");
 } finally {
-  rmSync(home, { recursive: true, force: true });
+  if (!values.home) rmSync(home, { recursive: true, force: true });
 }
