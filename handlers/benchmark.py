@@ -91,7 +91,7 @@ class _Model:
 
 def _resolve(ctx: Context, models: list[_Model], reference: str | None) -> Any:
     """Resolve every model and adapter; a path outside the roots fails the request, anything else the row."""
-    from handlers.export import resolve_model
+    from handlers.convert.export import resolve_model
 
     refused: BaseException | None = None
 
@@ -130,7 +130,7 @@ def _resolve(ctx: Context, models: list[_Model], reference: str | None) -> Any:
 
 def _runtime_for(path: Path, requested: str, field: str) -> tuple[str, Path]:
     """(runtime, the file or directory it loads); -32602 naming the field when the runtime cannot load the format."""
-    from handlers.export import main_gguf, model_kind
+    from handlers.convert.export import main_gguf, model_kind
     from runtimes.registry import _RUNTIMES
 
     kind = model_kind(path)

@@ -1,4 +1,4 @@
-"""Core ML export and compression (handlers/export_coreml.py, runtimes/coreml), proven on Linux.
+"""Core ML export and compression (handlers/convert/export_coreml.py, runtimes/coreml), proven on Linux.
 
 coremltools converts and compresses here but cannot run a model, so each package is checked by
 reading it (runtimes/coreml/spec.py): the functions and their int32 inputs, float32 outputs and
@@ -117,7 +117,7 @@ def model_dir(home: Path) -> Path:
 def export(services: Any, model: Path, ctx: FakeContext | None = None, **params: Any) -> m.ExportResult:
     import msgspec
 
-    from handlers.export_coreml import export_coreml
+    from handlers.convert.export_coreml import export_coreml
 
     request = msgspec.convert({"model": str(model), "format": "coreml", "context_length": CONTEXT,
                                "prefill_length": PREFILL, **params}, m.ExportParams)

@@ -270,7 +270,7 @@ def test_sliding_window_layers_are_refused(tmp_path: Path) -> None:
 def test_bad_params_are_refused_naming_the_field(field: str, value: Any, words: str) -> None:
     import msgspec
 
-    from handlers.export_onnx import _check_params
+    from handlers.convert.export_onnx import _check_params
     from protocol import messages as m
 
     params = msgspec.convert({"model": "builtin:tiny", "format": "onnx", field: value}, m.ExportParams)

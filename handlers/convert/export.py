@@ -1,5 +1,5 @@
 """`export` (format gguf) in a worker: a model, optionally with adapters, to a GGUF artifact, and the
-pipeline `quantize` (handlers/quantize.py) shares.
+pipeline `quantize` (handlers/convert/quantize.py) shares.
 
 The artifact is a directory (the registry writes its manifest.json inside) holding
 `<name>.<TYPE>.gguf`, one `<adapter>.lora.gguf` per adapter kept separate, the Ollama `Modelfile`
@@ -87,13 +87,13 @@ class Built:
 
 
 def export(params: m.ExportParams, ctx: Context) -> m.ExportResult:
-    """One method, one exporter per format (handlers/export_coreml.py, handlers/export_onnx.py)."""
+    """One method, one exporter per format (handlers/convert/export_coreml.py, handlers/convert/export_onnx.py)."""
     if params.format == "coreml":
-        from handlers.export_coreml import export_coreml
+        from handlers.convert.export_coreml import export_coreml
 
         return export_coreml(params, ctx)
     if params.format == "onnx":
-        from handlers.export_onnx import export_onnx
+        from handlers.convert.export_onnx import export_onnx
 
         return export_onnx(params, ctx)
     return export_gguf(params, ctx)

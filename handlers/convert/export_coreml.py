@@ -1,6 +1,6 @@
 """`export` with format coreml, in a worker: a causal LM to one multifunction .mlpackage (prefill,
 decode, embed) with a stateful KV cache, optionally compressed; `quantize` with format coreml
-(handlers/quantize_coreml.py) runs the same pipeline with its quantization.
+(handlers/convert/quantize_coreml.py) runs the same pipeline with its quantization.
 
 The artifact is a directory (the registry writes its manifest.json inside) holding
 `<name>.mlpackage`, the tokenizer files (tokenizer.json, tokenizer_config.json, the chat template,
@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from handlers.context import Context
-from handlers.export import SCRATCH, check_weights, file_stem, model_kind, model_stem, resolve_adapters, resolve_model
+from handlers.convert.export import SCRATCH, check_weights, file_stem, model_kind, model_stem, resolve_adapters, resolve_model
 from protocol import messages as m
 from protocol.errors import Cancelled, RpcError
 
@@ -40,7 +40,7 @@ class Job:
     """What the export will do, settled before anything is written."""
 
     model: Any  # sidecar.models.ResolvedModel
-    adapters: list[Any]  # handlers.export.Adapter
+    adapters: list[Any]  # handlers.convert.export.Adapter
     context_length: int
     prefill_length: int
     functions: tuple[str, ...]

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from handlers.context import Context
-from handlers.export import check_weights, model_kind, model_stem, resolve_adapters, resolve_model
+from handlers.convert.export import check_weights, model_kind, model_stem, resolve_adapters, resolve_model
 from protocol import messages as m
 from protocol.errors import RpcError
 

@@ -1,7 +1,7 @@
 """`quantize` (format gguf) in a worker: llama.cpp's quantizer on a GGUF file, a GGUF artifact or a
 Hugging Face model (converted to f16 first, in the same job, in a scratch folder that goes away).
 
-It runs the export pipeline (handlers/export.py) with the quantization step, so the artifact has
+It runs the export pipeline (handlers/convert/export.py) with the quantization step, so the artifact has
 the same shape: a directory with `<name>.<TYPE>.gguf`, the Modelfile and the model card. The
 quantization itself is one uninterruptible C call; a cancel stops waiting for it at once and
 removes everything (the abandoned call ends with the worker process).
@@ -14,7 +14,7 @@ import time
 import msgspec
 
 from handlers.context import Context
-from handlers.export import Plan, _destination, _quant_type, build, check_weights, file_stem, main_gguf, model_kind, \
+from handlers.convert.export import Plan, _destination, _quant_type, build, check_weights, file_stem, main_gguf, model_kind, \
     model_stem, resolve_model
 from protocol import messages as m
 from protocol.errors import RpcError
@@ -22,7 +22,7 @@ from protocol.errors import RpcError
 
 def quantize(params: m.QuantizeParams, ctx: Context) -> m.QuantizeResult:
     if params.format == "coreml":
-        from handlers.quantize_coreml import quantize_coreml
+        from handlers.convert.quantize_coreml import quantize_coreml
 
         return quantize_coreml(params, ctx)
     return quantize_gguf(params, ctx)

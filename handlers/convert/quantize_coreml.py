@@ -1,5 +1,5 @@
 """`quantize` with format coreml, in a worker: a compressed Core ML package, as an export with
-`quantization` (handlers/export_coreml.py).
+`quantization` (handlers/convert/export_coreml.py).
 
 coremltools cannot compress a multifunction package, and the accuracy report needs the torch
 weights anyway, so the source is always the Hugging Face model: given a Core ML artifact, the
@@ -16,8 +16,8 @@ from pathlib import Path
 import msgspec
 
 from handlers.context import Context
-from handlers.export import _read_json, resolve_model
-from handlers.export_coreml import plan_job, run_job
+from handlers.convert.export import _read_json, resolve_model
+from handlers.convert.export_coreml import plan_job, run_job
 from protocol import messages as m
 from protocol.errors import RpcError
 
