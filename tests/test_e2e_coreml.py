@@ -3,8 +3,7 @@
 The whole path a host app takes: the request over the pipes, the worker process, progress events,
 the artifact registered, the result's spec and quantization report, the errors with their codes,
 and a cancel mid-conversion that leaves nothing behind. (The package's contents are proven in
-tests/test_coreml_export.py.) Skipped, saying so, where handlers/export.py does not route format
-coreml to handlers/export_coreml.py.
+tests/test_coreml_export.py.)
 """
 
 from __future__ import annotations
@@ -15,12 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-WIRED = "export_coreml" in (ROOT / "handlers" / "export.py").read_text() and \
-    "quantize_coreml" in (ROOT / "handlers" / "quantize.py").read_text()
-pytestmark = pytest.mark.skipif(not WIRED, reason="format coreml is not routed to handlers/export_coreml.py and "
-                                                  "handlers/quantize_coreml.py yet")
 
 Q4 = {"mode": "palettize", "nbits": 4, "granularity": "per_grouped_channel", "group_size": 16}
 
