@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from runtimes.base import ProgressFn, UnsupportedModel
+from runtimes.hf.text_face import HfTextFace
 
 _DTYPES = {"float32", "float16", "bfloat16"}
 
@@ -35,7 +36,7 @@ def pick_dtype(requested: str, device: str, config: dict[str, Any]) -> str:
 
 
 @dataclass
-class TransformersModel:
+class TransformersModel(HfTextFace):
     model: Any
     tokenizer: Any
     config: dict[str, Any]
@@ -52,36 +53,8 @@ class TransformersModel:
     def adapters(self) -> list[str]:
         return [str(p) for p in self._adapters.loaded.values()] if self._adapters else []
 
-    # ----- the text-generation face (see runtimes/base.py TextModel)
-
-    @property
-    def context_length(self) -> int:
-        return int(self.config.get("max_position_embeddings") or self.tokenizer.model_max_length)
-
-    def encode(self, text: str, *, chat: bool = False) -> list[int]:
-        """Rendered chat text carries its own special tokens; a plain prompt gets the model's BOS rule."""
-        return list(self.tokenizer.encode(text, add_special_tokens=not chat))
-
-    def render_chat(self, messages: list[dict[str, str]], template: str | None, add_generation_prompt: bool) -> str:
-        if template is None and not getattr(self.tokenizer, "chat_template", None):
-            raise NoChatTemplate(self.path)
-        return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
-
     def stop_ids(self) -> set[int]:
-        ids: set[int] = set()
-        generation = getattr(self.model, "generation_config", None)
-        for value in (getattr(generation, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(value, int):
-                ids.add(value)
-            elif value:
-                ids.update(value)
-        return ids
-
-    def detokenizer(self) -> Any:
-        from runtimes.text import HfDetokenizer
-
-        return HfDetokenizer(self.tokenizer)
+        return self.eos_ids(getattr(getattr(self.model, "generation_config", None), "eos_token_id", None))
 
     def stream(self, prompt_ids: list[int], sampling: Any, max_tokens: int, adapters: list[tuple[Path, float]],
                cancelled: Any) -> Any:
@@ -142,14 +115,6 @@ class TextTooLong(UnsupportedModel):
 
 class TextEmpty(UnsupportedModel):
     error_kind = "input_empty"
-
-
-class NoChatTemplate(UnsupportedModel):
-    error_kind = "no_chat_template"
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(f"{path} has no chat template: send `prompt` instead of `messages`, or pass `chat_template` "
-                         "(a Jinja template) with the request", path=str(path))
 
 
 def check_model_dir(path: Path, allow_pickle: bool = False) -> dict[str, Any]:

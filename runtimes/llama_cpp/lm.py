@@ -55,7 +55,7 @@ class LlamaCppModel:
     def render_chat(self, messages: list[dict[str, str]], template: str | None, add_generation_prompt: bool) -> str:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        from runtimes.hf.lm import NoChatTemplate
+        from runtimes.hf.text_face import NoChatTemplate
 
         template = template or self.chat_template
         if not template:

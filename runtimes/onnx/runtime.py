@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from runtimes.base import ProgressFn, UnsupportedModel
+from runtimes.hf.text_face import HfTextFace
 
 MODEL_FILE = "model.onnx"
 
@@ -33,7 +34,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 @dataclass
-class OnnxModel:
+class OnnxModel(HfTextFace):
     session: Any
     tokenizer: Any
     config: dict[str, Any]
@@ -114,36 +115,10 @@ class OnnxModel:
             return min(limit, positions) if limit else positions
         return limit
 
-    # ----- generate (the text-generation face of runtimes/hf/lm.py TransformersModel)
-
-    @property
-    def context_length(self) -> int:
-        return int(self.config.get("max_position_embeddings") or self.tokenizer.model_max_length)
-
-    def encode(self, text: str, *, chat: bool = False) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=not chat))
-
-    def render_chat(self, messages: list[dict[str, str]], template: str | None, add_generation_prompt: bool) -> str:
-        from runtimes.hf.lm import NoChatTemplate
-
-        if template is None and not getattr(self.tokenizer, "chat_template", None):
-            raise NoChatTemplate(self.path)
-        return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+    # ----- generate (the text face is runtimes/hf/text_face.py's, as for TransformersModel)
 
     def stop_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for value in (self.generation.get("eos_token_id"), self.tokenizer.eos_token_id):
-            if isinstance(value, int):
-                ids.add(value)
-            elif value:
-                ids.update(value)
-        return ids
-
-    def detokenizer(self) -> Any:
-        from runtimes.text import HfDetokenizer
-
-        return HfDetokenizer(self.tokenizer)
+        return self.eos_ids(self.generation.get("eos_token_id"))
 
     def stream(self, prompt_ids: list[int], sampling: Any, max_tokens: int, adapters: list[tuple[Path, float]],
                cancelled: Any) -> Any:
