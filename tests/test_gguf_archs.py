@@ -361,6 +361,44 @@ def test_prompt_logits_equal_transformers(built: Built) -> None:
     assert difference < built.case.tolerance
 
 
+def test_lora_adapter_matches_the_peft_merge(built: Built, tmp_path: Path) -> None:
+    """Every decoder architecture's LoRA (all linear layers, Phi-3's fused qkv and gate_up included) becomes a
+    GGUF adapter llama.cpp applies unmerged with the logits of transformers with the adapter merged by peft."""
+    import numpy as np
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from runtimes.gguf.lora import convert_lora_to_gguf
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(built.directory, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.mul_(2.0)  # clearly away from the base, so the comparison can fail
+    peft_model.save_pretrained(tmp_path / "adapter")
+    stats = convert_lora_to_gguf(tmp_path / "adapter", built.directory, tmp_path / "adapter.gguf")
+    assert stats["gguf_architecture"] == built.case.gguf_arch
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(built.directory, dtype=torch.float32),
+                                       tmp_path / "adapter").merge_and_unload().eval()
+
+    ids = built.tokenizer(PROMPTS[0] + " " + PROMPTS[1])["input_ids"]
+    llm = llama(built.gguf, logits_all=True, lora_path=str(tmp_path / "adapter.gguf"))
+    llm.eval(ids)
+    ours = np.array(llm.scores[: len(ids)])
+    with torch.no_grad():
+        reference = merged(torch.tensor([ids])).logits[0].numpy()
+        plain = built.model(torch.tensor([ids])).logits[0].numpy()
+    difference = float(np.abs(ours - reference).max())
+    print(f"{built.case.model_class}: LoRA max |logit difference| {difference:.2e}, the adapter moved logits by "
+          f"{float(np.abs(reference - plain).max()):.2f}")
+    assert float(np.abs(reference - plain).max()) > 20 * built.case.tolerance, "the adapter barely changes the logits"
+    # 3x the base model's bound: llama.cpp adds B(Ax) at run time where the merge folded BA into W (other roundings)
+    assert difference < 3 * built.case.tolerance
+
+
 def test_metadata(built: Built) -> None:
     """What each architecture needs beyond the tensors: soft-capping, windows, shifted norms, the template."""
     import numpy as np

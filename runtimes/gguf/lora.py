@@ -197,7 +197,7 @@ def _plan(config: dict[str, Any], weights: dict[str, Stored], base_dir: Path, ad
                 "runs both from token_embd and would apply the adapter to both; merge the adapter and export that",
                 module=pair.module,
             )
-        gguf_base = _gguf_name(hf_weight)
+        gguf_base = _gguf_name(hf_weight, rule)  # this architecture's names: Phi-3's fused qkv_proj is attn_qkv
         if gguf_base is None or hf_weight not in base_shapes or len(base_shapes[hf_weight]) != 2:
             unsupported.append(pair.module)
             continue
@@ -211,12 +211,18 @@ def _plan(config: dict[str, Any], weights: dict[str, Stored], base_dir: Path, ad
         shown = ", ".join(sorted(unsupported)[:5])
         raise UnsupportedModel(
             f"the adapter targets {len(unsupported)} module(s) that have no llama.cpp tensor in this {hf_arch} "
-            f"base, e.g. {shown}; supported: q/k/v/o_proj, gate/up/down_proj, embed_tokens and lm_head "
+            f"base, e.g. {shown}; supported: {', '.join(_linear_modules(rule))}, embed_tokens and lm_head "
             "(untied embeddings only)",
             modules=sorted(unsupported),
         )
     _check_base_copies(weights, adapter_file, sources)
     return _Plan(rule.gguf_arch, file_alpha, sorted(pairs, key=_pair_order))
+
+
+def _linear_modules(rule: Any) -> list[str]:
+    """The per-layer projections an adapter may target in this architecture (norms are not linear layers)."""
+    return [name.rsplit(".", 1)[-1] for name, gguf in rule.layer_names.items()
+            if gguf.startswith(("attn_q", "attn_k", "attn_v", "attn_output", "ffn_")) and "norm" not in gguf]
 
 
 def _check_base_copies(weights: dict[str, Stored], adapter_file: Path, sources: dict[str, Any]) -> None:
