@@ -68,6 +68,24 @@ class CpuClock:
     def own_seconds() -> float:
         return time.process_time()
 
+    def runnable_elsewhere(self) -> int | None:
+        """Threads of other programs that want a CPU right now (procs_running less our own runnable threads).
+
+        None where that cannot be known for our CPUs: no /proc, or an affinity mask narrower than the
+        machine (procs_running counts every CPU's queue)."""
+        if self._allowed is not None and len(self._allowed) != (os.cpu_count() or 0):
+            return None
+        try:
+            with open(self._path, "rb") as f:
+                line = next((l for l in f.read().split(b"\n") if l.startswith(b"procs_running ")), None)
+            ours = 0
+            for task in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{task}/stat", "rb") as f:
+                    ours += f.read().rsplit(b")", 1)[1].split()[0] == b"R"
+        except (OSError, IndexError):
+            return None
+        return None if line is None else max(0, int(line.split()[1]) - max(1, ours))
+
 
 @dataclass
 class Reading:
@@ -97,8 +115,17 @@ class Governor:
         return Job(self, fixed)
 
     def _enter(self) -> None:
+        """A job starts: judge by who wants the CPUs now, not by the window since the last job."""
         with self._lock:
             self._jobs += 1
+            if not self.adaptive:
+                return
+            elsewhere = self._clock.runnable_elsewhere()
+            if elsewhere is not None:
+                self._threads = max(1, min(self.ceiling, self._clock.cpus - elsewhere))
+                self._candidate, self._evidence, self._samples = None, 0.0, 0
+            if elsewhere is not None or (self._last is not None and self._now() - self._last[0] > 2 * EVIDENCE_S):
+                self._last = None  # the next sample's window starts with the job
 
     def _leave(self) -> None:
         with self._lock:

@@ -25,6 +25,7 @@ class FakeClock:
     def __init__(self) -> None:
         self.wall, self.busy, self.own = 0.0, 0.0, 0.0
         self.others, self.ours = 0.0, 0.0
+        self.elsewhere: int | None = None  # other programs' runnable threads at this instant (None: unknown)
 
     def advance(self, seconds: float) -> None:
         self.wall += seconds
@@ -33,6 +34,9 @@ class FakeClock:
 
     def busy_seconds(self) -> float:
         return self.busy
+
+    def runnable_elsewhere(self) -> int | None:
+        return self.elsewhere
 
     def own_seconds(self) -> float:
         return self.own
@@ -137,3 +141,25 @@ def test_jobs_report_changes_once_and_leave_threads_alone_outside_the_sidecar(mo
     assert target.counts == [2]
     monkeypatch.delenv(cpu_share.ENV_THREADS)
     assert gov.job().changed() is None  # a runtime used as a library: torch and llama.cpp keep their own
+
+
+def test_a_job_starts_on_who_wants_the_cpus_now_not_on_the_last_window():
+    clock = FakeClock()
+    gov = governor(clock)
+    clock.others, clock.ours = 2.0, 1.0
+    run(gov, clock, 1.0)
+    assert gov.threads_per_job() == 1  # busy while the last job ran
+    clock.others, clock.elsewhere = 0.0, 0  # they stopped between the jobs
+    with gov.job() as job:
+        assert job.threads() == 2  # at once, not half a second into the job
+    clock.elsewhere = 2  # two programs want both CPUs as the next job starts
+    with gov.job() as job:
+        assert job.threads() == 1
+
+
+def test_runnable_elsewhere_reads_procs_running_less_our_own_threads():
+    clock = CpuClock()
+    if clock.busy_seconds() is None or clock._allowed is None or len(clock._allowed) != os.cpu_count():
+        pytest.skip("needs /proc and the whole machine in the affinity mask")
+    value = clock.runnable_elsewhere()
+    assert value is not None and value >= 0
