@@ -28,6 +28,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -57,7 +58,6 @@ RUN_STATUSES = frozenset({"running", "succeeded", "failed", "cancelled"})
 BUSY_TIMEOUT_S = 10.0
 TEMP_MARKER = ".tmp-"
 _TEMP_PATTERN = ".*.tmp-*"
-_CHUNK = 1 << 20
 
 # Libraries whose versions go into every manifest; looked up from metadata, never imported.
 _VERSIONED_DISTRIBUTIONS = (
@@ -205,24 +205,31 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _hash_and_sync(root: Path) -> list[dict[str, Any]]:
-    """sha256 and size of every file under root, read in chunks, each fsynced on the way."""
-    files = []
+    """sha256 and size of every file under root, each fsynced: the disk writes back (in a thread)
+    while the digests are computed, which takes about as long again for a freshly written model."""
+    paths: list[Path] = []
+    dirs: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        for filename in sorted(filenames):
-            full = Path(dirpath, filename)
-            rel = full.relative_to(root).as_posix()
-            if rel == MANIFEST_NAME:
-                continue
-            digest, size = hashlib.sha256(), 0
-            with open(full, "rb") as fh:
-                while chunk := fh.read(_CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-                os.fsync(fh.fileno())
-            files.append({"path": rel, "size": size, "sha256": digest.hexdigest()})
-        _fsync_dir(Path(dirpath))
+        dirs.append(Path(dirpath))
+        paths += [Path(dirpath, f) for f in sorted(filenames) if Path(dirpath, f).relative_to(root).as_posix() != MANIFEST_NAME]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-fsync") as pool:
+        synced = [pool.submit(_fsync_file, path) for path in paths]
+        files = []
+        for path in paths:
+            with open(path, "rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256")
+            files.append({"path": path.relative_to(root).as_posix(), "size": path.stat().st_size, "sha256": digest.hexdigest()})
+        for future in synced:
+            future.result()
+    for directory in dirs:
+        _fsync_dir(directory)
     return files
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def _tree_size(path: Path) -> int:
