@@ -133,8 +133,10 @@ def idle_ab(home: Path, params: dict[str, Any], runs: int) -> dict[str, float]:
             for name in ("ours", "fixed") if run % 2 == 0 else ("fixed", "ours"):
                 rates[name].append(rate(sidecars[name], "generate", params))
         ratios = [a / b for a, b in zip(rates["ours"], rates["fixed"])]
+        reading = sidecars["ours"].request("status")["threads"]  # other programs busy meanwhile make ours use fewer threads
         return {"ours": statistics.median(rates["ours"]), "fixed": statistics.median(rates["fixed"]),
-                "ratio": statistics.median(ratios)}
+                "ratio": statistics.median(ratios), "ours_threads_now": reading.get("threads_now"),
+                "others_busy_cores": reading.get("others_busy_cores")}
     finally:
         for s in sidecars.values():
             s.close(10)
@@ -216,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ab = idle_ab(home, chosen[name][1], max(5, args.runs))
         measured[f"idle a/b/{name}"] = ab
+        print(f"  idle A/B {name}: ours {ab['ours']:.2f}, fixed {ab['fixed']:.2f}, ratio {ab['ratio']:.3f}; ours' last reading: "
+              f"{ab['ours_threads_now']} threads, other programs busy on {ab['others_busy_cores']} cores", flush=True)
         rows.append({"metric": f"idle cost of our policy, {name}", "cells": [name, "ours / fixed, idle, alternating",
                      fmt(ab["ours"], "tok/s"), fmt(ab["fixed"], "tok/s"), f"{ab['ratio']:.3f}"], "pass": ab["ratio"] >= 0.97})
     print(f"\n{cores} CPUs, at most {threads} compute threads per job, {args.busy} busy loops: fair share = {fair:.2f} of alone; "

@@ -24,7 +24,11 @@ from typing import Any
 ENV_THREADS = "MLSIDECAR_THREADS"  # the ceiling: compute threads per job
 ENV_ADAPT = "MLSIDECAR_THREADS_ADAPT"  # "1": fewer threads while other programs keep cores busy
 SAMPLE_EVERY_S = 0.25
-EVIDENCE_S = 0.5  # a new count needs two agreeing samples this long together, or one twice as long: a burst is no reason to flap
+FIRST_SAMPLE_S = 0.1  # a job's first look comes sooner: a neighbour's threads still spinning as it starts soon sleep
+CONFIRM_S = 0.02  # a second glance at procs_running before a job starts on fewer threads: longer than a pool spins down
+EVIDENCE_S = 0.5  # fewer threads need two agreeing samples this long together, or one twice as long: a burst is no
+# reason to drop; more threads need one sample (a spinning pool waiting on a descheduled peer is the costly mistake,
+# and a core that stays free is seen again at the next sample)
 
 
 def _allowed_cpus() -> set[int] | None:
@@ -109,23 +113,35 @@ class Governor:
         self._evidence = 0.0  # seconds of samples that agree on the candidate
         self._samples = 0
         self._last = since  # (wall, busy, own) at the last sample
+        self._interval = SAMPLE_EVERY_S
+        self._first = False  # the next sample is a job's first: it decides either way at once
         self.reading: Reading | None = None
 
     def job(self, fixed: int | None = None) -> "Job":
         return Job(self, fixed)
 
     def _enter(self) -> None:
-        """A job starts: judge by who wants the CPUs now, not by the window since the last job."""
+        """A job starts: it judges by who wants the CPUs now, not by the window since the last job.
+
+        A short job (one embed request) has no second chance, so the count is set at once from
+        procs_running; a drop is confirmed by a second glance 20 ms later, since another program's
+        pool that has just finished spins for ~10 ms before it sleeps. Its first sample, a tenth of
+        a second in, then decides either way."""
+        elsewhere = self._clock.runnable_elsewhere() if self.adaptive else None
+        if elsewhere and self._clock.cpus - elsewhere < self.ceiling:
+            time.sleep(CONFIRM_S)
+            again = self._clock.runnable_elsewhere()
+            elsewhere = None if again is None else min(elsewhere, again)
         with self._lock:
             self._jobs += 1
             if not self.adaptive:
                 return
-            elsewhere = self._clock.runnable_elsewhere()
             if elsewhere is not None:
                 self._threads = max(1, min(self.ceiling, self._clock.cpus - elsewhere))
-                self._candidate, self._evidence, self._samples = None, 0.0, 0
-            if elsewhere is not None or (self._last is not None and self._now() - self._last[0] > 2 * EVIDENCE_S):
-                self._last = None  # the next sample's window starts with the job
+            busy = self._clock.busy_seconds()
+            self._last = (self._now(), busy, self._clock.own_seconds()) if busy is not None else None
+            self._interval, self._first = FIRST_SAMPLE_S, True
+            self._candidate, self._evidence, self._samples = None, 0.0, 0
 
     def _leave(self) -> None:
         with self._lock:
@@ -141,8 +157,9 @@ class Governor:
 
     def _sample(self) -> None:
         wall = self._now()
-        if self._last is not None and wall - self._last[0] < SAMPLE_EVERY_S:
+        if self._last is not None and wall - self._last[0] < self._interval:
             return
+        self._interval = SAMPLE_EVERY_S
         busy, own = self._clock.busy_seconds(), self._clock.own_seconds()
         if busy is None:
             self.adaptive = False  # no /proc/stat here: keep the ceiling
@@ -156,7 +173,10 @@ class Governor:
         self.reading = Reading(round(others, 2), round(free, 2))
         wanted = max(1, min(self.ceiling, round(free)))
         if wanted == self._threads:
-            self._candidate, self._evidence = None, 0.0
+            self._candidate, self._evidence, self._first = None, 0.0, False
+            return
+        if wanted > self._threads or self._first:  # more threads, or a job's own first look: at once
+            self._threads, self._candidate, self._evidence, self._first = wanted, None, 0.0, False
             return
         if wanted != self._candidate:
             self._candidate, self._evidence, self._samples = wanted, 0.0, 0

@@ -152,7 +152,7 @@ def test_a_job_starts_on_who_wants_the_cpus_now_not_on_the_last_window():
     clock.others, clock.elsewhere = 0.0, 0  # they stopped between the jobs
     with gov.job() as job:
         assert job.threads() == 2  # at once, not half a second into the job
-    clock.elsewhere = 2  # two programs want both CPUs as the next job starts
+    clock.elsewhere = 2  # two programs want both CPUs as the next job starts, and still do 20 ms later
     with gov.job() as job:
         assert job.threads() == 1
 
@@ -163,3 +163,30 @@ def test_runnable_elsewhere_reads_procs_running_less_our_own_threads():
         pytest.skip("needs /proc and the whole machine in the affinity mask")
     value = clock.runnable_elsewhere()
     assert value is not None and value >= 0
+
+
+def test_a_neighbour_still_spinning_as_a_job_starts_does_not_cost_it_threads():
+    clock = FakeClock()
+    gov = governor(clock)
+    glances = iter([2, 0])  # another sidecar's pool is still spinning as the job starts, asleep 20 ms later
+    clock.runnable_elsewhere = lambda: next(glances)  # type: ignore[method-assign]
+    clock.ours = 2.0
+    with gov.job() as job:
+        assert job.threads() == 2
+        clock.advance(0.1)
+        assert job.threads() == 2  # and the first look, a tenth of a second in, agrees
+
+
+def test_fewer_threads_need_half_a_second_of_evidence_more_need_one_sample():
+    clock = FakeClock()
+    gov = governor(clock)
+    clock.ours = 2.0
+    run(gov, clock, 1.0)
+    clock.others = 2.0
+    clock.advance(0.25)
+    assert gov.threads_per_job() == 2  # one quarter-second sample of load: not yet
+    clock.advance(0.25)
+    assert gov.threads_per_job() == 1  # two agreeing ones: fewer
+    clock.others = 0.0
+    clock.advance(0.25)
+    assert gov.threads_per_job() == 2  # one sample of free cores: back at once
