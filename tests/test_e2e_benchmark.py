@@ -98,6 +98,8 @@ def test_base_fine_tune_and_quantization_side_by_side_then_the_change_against_th
     assert rows[0]["embed"]["cosine_mean"] == pytest.approx(1.0, abs=1e-5)
     assert -1 <= rows[2]["embed"]["cosine_min"] <= rows[2]["embed"]["cosine_mean"] <= 1
     assert all(r["change"] is None for r in rows)
+    warned = [line for line in sidecar.stderr().splitlines() if "[bench " in line and "Warning" in line]
+    assert not warned, warned  # libraries' warnings stay out of the user's terminal (issue 12, section 7)
 
     artifact = result["artifact"]
     assert artifact["kind"] == "benchmark" and Path(artifact["path"]).parent == shared_home / "artifacts" / "benchmarks"

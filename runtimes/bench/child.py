@@ -147,9 +147,19 @@ def _error(exc: BaseException) -> dict[str, Any]:
     return {"kind": kind, "message": message, "detail": getattr(exc, "error_detail", None) or {}}
 
 
+def _quiet_library_warnings() -> None:
+    """As in the sidecar and its workers: a library's FutureWarning is not the user's output (it went to the
+    demo's terminal through the worker's stderr); MLSIDECAR_LOG_LEVEL=DEBUG shows them on stderr."""
+    import warnings
+
+    if os.environ.get("MLSIDECAR_LOG_LEVEL", "").upper() != "DEBUG":
+        warnings.showwarning = lambda *args, **kwargs: None
+
+
 def main() -> None:
     wire = os.dup(1)
     os.dup2(2, 1)  # stray prints from C libraries go to stderr, never into the result lines
+    _quiet_library_warnings()
     if sys.platform.startswith("linux"):
         import ctypes
 
