@@ -6,12 +6,32 @@ import { SidecarError, clientError, exitedError } from "./errors.js";
 import { ErrorCode } from "./methods.js";
 import { SidecarProcess } from "./process.js";
 
-const quoted = new Map(); // method name -> its JSON string: saves a JSON.stringify per request
+const HEAD = '{"jsonrpc":"2.0","id":';
+const tails = new Map(); // method name -> `,"method":"<name>"`: saves a JSON.stringify per request
 
-function quote(method) {
-  let text = quoted.get(method);
-  if (text === undefined) quoted.set(method, (text = JSON.stringify(method)));
+function methodTail(method) {
+  let text = tails.get(method);
+  if (text === undefined) tails.set(method, (text = `,"method":${JSON.stringify(method)}`));
   return text;
+}
+
+// The answer of ping (and of any request whose result is {}), exactly as the sidecar writes it:
+// `{"jsonrpc":"2.0","id":7,"result":{}}`. Recognised without JSON.parse; anything else is parsed.
+const EMPTY_TAIL = ',"result":{}}';
+const EMPTY_MAX = HEAD.length + 16 + EMPTY_TAIL.length;
+
+/** The id of a line that is exactly an empty-result response, or -1. */
+export function emptyResultId(line) {
+  const end = line.length - EMPTY_TAIL.length;
+  if (line.length > EMPTY_MAX || end <= HEAD.length || !line.startsWith(HEAD) || !line.endsWith(EMPTY_TAIL)) return -1;
+  let id = 0;
+  for (let at = HEAD.length; at < end; at++) {
+    const digit = line.charCodeAt(at) - 48;
+    if (digit < 0 || digit > 9) return -1;
+    id = id * 10 + digit;
+  }
+  // a leading zero is not JSON; 16 digits may be past 2**53 (this client's ids never are)
+  return (line.charCodeAt(HEAD.length) === 48 && end > HEAD.length + 1) || id > Number.MAX_SAFE_INTEGER ? -1 : id;
 }
 
 export class Connection {
@@ -36,7 +56,7 @@ export class Connection {
   /** Writes a request; the returned call settles with its response. */
   send(id, method, params, options, buffer) {
     // built first: JSON.stringify may throw (a cycle, a BigInt), and then nothing has started
-    const head = `{"jsonrpc":"2.0","id":${id},"method":${quote(method)}`;
+    const head = HEAD + id + methodTail(method);
     const line = params === undefined ? `${head}}\n` : `${head},"params":${JSON.stringify(params)}}\n`;
     const call = new Call(id, method, this, options, buffer);
     if (line.length * 3 > this.maxMessageBytes) {
@@ -79,6 +99,14 @@ export class Connection {
   }
 
   #receive(line) {
+    const id = emptyResultId(line);
+    if (id !== -1) {
+      const call = this.#pending.get(id);
+      if (call !== undefined) {
+        call._settle(null, {});
+        return;
+      }
+    }
     let message;
     try {
       message = JSON.parse(line);

@@ -1,6 +1,7 @@
 // A stand-in sidecar for the tests that need a process to misbehave on purpose.
 // Usage: node fake-sidecar.mjs MODE; every mode answers `initialize`, then:
-//   echo      answers each request with {"echo": params}
+//   echo      answers each request with {"echo": params}, and `empty` with {} (as ping is answered);
+//             `unasked` also writes an empty result for an id nobody sent
 //   stubborn  ignores stdin's end and SIGTERM, so only SIGKILL stops it
 //   hangup    closes its stdin after initialize and exits with code 7 a moment later
 
@@ -27,5 +28,7 @@ lines.on("line", (line) => {
     }
     return;
   }
+  if (message.method === "empty") return send({ id: message.id, result: {} });
+  if (message.method === "unasked") send({ id: 999_999, result: {} });
   send({ id: message.id, result: { echo: message.params ?? null } });
 });

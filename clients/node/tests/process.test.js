@@ -97,3 +97,17 @@ test("a signal aborted before the request is sent rejects it at once with a Canc
   await assert.rejects(call.next(), CancelledError);
   await client.stop({ shutdownTimeoutMs: 2000 });
 });
+
+test("empty results ({} as ping gets it) resolve each call with a fresh object; an unasked one goes to onUnmatched", async () => {
+  const unmatched = [];
+  const client = fake("echo", { onUnmatched: (message) => unmatched.push(message) });
+  await client.start();
+  const results = await Promise.all(Array.from({ length: 50 }, () => client.call("empty")));
+  assert.ok(results.every((result) => typeof result === "object" && result !== null && Object.keys(result).length === 0));
+  assert.equal(new Set(results).size, 50);
+  results[0].changed = true;
+  assert.deepEqual(await client.call("empty"), {});
+  assert.deepEqual(await client.call("unasked", { n: 1 }), { echo: { n: 1 } });
+  assert.deepEqual(unmatched, [{ jsonrpc: "2.0", id: 999_999, result: {} }]);
+  await client.stop({ shutdownTimeoutMs: 2000 });
+});
