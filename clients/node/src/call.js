@@ -30,18 +30,20 @@ export class Call {
    * @param {{signal?: AbortSignal, timeoutMs?: number, onEvent?: Function}} options
    * @param {boolean} buffer keep events for the iterator
    */
-  constructor(id, method, owner = DETACHED, { signal, timeoutMs, onEvent } = {}, buffer = true) {
+  constructor(id, method, owner = DETACHED, options = undefined, buffer = true) {
     this.id = id;
     this.method = method;
     this.#owner = owner;
     this.#buffer = buffer;
-    this.#onEvent = onEvent;
     this.result = new Promise((resolve, reject) => {
       this.#resolve = resolve;
       this.#reject = reject;
     });
     // whoever iterates may never look at `result`: its rejection must not count as unhandled
     if (buffer) this.result.catch(noop);
+    if (options == null) return; // ping() and the like: no signal, timer or handler to set up
+    const { signal, timeoutMs, onEvent } = options;
+    this.#onEvent = onEvent;
     if (signal) {
       this.#signal = signal;
       this.#abort = () => this.cancel();

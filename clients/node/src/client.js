@@ -101,12 +101,12 @@ export class SidecarClient extends SidecarMethods {
    * Sends a request. The returned Call is an async iterator of the request's events and has a
    * `result` promise; `options.signal` cancels it, `options.timeoutMs` bounds it.
    */
-  request(method, params, options = {}) {
+  request(method, params, options) {
     return this.#send(method, params, options, true);
   }
 
   /** Sends a request and resolves with its result; events go to `options.onEvent` only. */
-  call(method, params, options = {}) {
+  call(method, params, options) {
     return this.#send(method, params, options, false).result;
   }
 
@@ -117,8 +117,8 @@ export class SidecarClient extends SidecarMethods {
       return failedCall(id, method, clientError("not_running", `cannot send ${method}: the sidecar is not running; call start() first`,
         {}, { method, id }));
     }
-    if (options.signal?.aborted) return cancelledBeforeSending(id, method);
-    if (options.timeoutMs === undefined && this.#options.requestTimeoutMs > 0) {
+    if (options?.signal?.aborted) return cancelledBeforeSending(id, method);
+    if (options?.timeoutMs === undefined && this.#options.requestTimeoutMs > 0) {
       options = { ...options, timeoutMs: this.#options.requestTimeoutMs };
     }
     return connection.send(id, method, params, options, buffer);

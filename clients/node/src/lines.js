@@ -16,8 +16,13 @@ export class LineSplitter {
   /** @param {Uint8Array} chunk */
   push(chunk) {
     if (!Buffer.isBuffer(chunk)) chunk = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length);
-    let start = 0;
     let end = chunk.indexOf(LF);
+    if (end !== -1 && end === chunk.length - 1 && this.parts.length === 0) {
+      // the common case (a ping's answer, most events): the chunk is exactly one whole line
+      this.#emit(chunk, 0, end);
+      return;
+    }
+    let start = 0;
     while (end !== -1) {
       if (this.parts.length > 0) {
         this.parts.push(chunk.subarray(start, end));
