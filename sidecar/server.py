@@ -383,7 +383,7 @@ class Server:
         for other in others:
             other.request_cancel()
         await self._wait_for(others, self.config.cancel_grace_s)
-        workers.spare.stop()
+        workers.spare.close()
         await self.services.pool.close()
         return m.ShutdownResult([j.id for j in others])
 
@@ -407,6 +407,7 @@ class Server:
             return
         log.info("stopping: %s", reason)
         self.accepting = False
+        workers.spare.close()
         self._stopping = self._spawn(self._stop(grace_s))
 
     async def _stop(self, grace_s: float) -> None:
@@ -415,7 +416,7 @@ class Server:
             if j.method != "shutdown":
                 j.request_cancel()
         await self._wait_for(jobs, grace_s)
-        workers.spare.stop()
+        workers.spare.close()
         await self.services.pool.close()
         if not self.active:
             self._done.set()

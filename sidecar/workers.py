@@ -62,6 +62,7 @@ class Spare:
     """
 
     def __init__(self) -> None:
+        self._closed = False  # the sidecar is stopping: no new spare
         self._proc: asyncio.subprocess.Process | None = None
         self._starting: asyncio.Task | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -82,7 +83,7 @@ class Spare:
 
     def prepare(self, config: Config) -> None:
         """Start a spare for the next job, unless one is waiting or starting."""
-        if not config.spare_worker or self._proc is not None or (self._starting and not self._starting.done()):
+        if self._closed or not config.spare_worker or self._proc is not None or (self._starting and not self._starting.done()):
             return
         self._starting = asyncio.get_running_loop().create_task(self._start(config))
 
@@ -93,6 +94,11 @@ class Spare:
             log.warning("could not start a spare worker: %s", exc)
             return
         self._expiry = asyncio.get_running_loop().call_later(SPARE_IDLE_S, self.stop)
+
+    def close(self) -> None:
+        """The sidecar is stopping: stop the spare, and start none after the jobs still finishing."""
+        self._closed = True
+        self.stop()
 
     def stop(self) -> None:
         if self._starting is not None and not self._starting.done():

@@ -26,10 +26,14 @@ def pid_gone(pid: int, within_s: float) -> bool:
 
 
 def wait_for_event(sidecar, request_id, method="$/progress"):
+    """Read until that event; everything else read meanwhile stays in the backlog (another request's answer
+    may come first: on a loaded machine a short inline job ends before a worker has started)."""
     for message in sidecar.messages():
         if message.get("method") == method and message["params"].get("id") == request_id:
             return message["params"]
         assert message.get("id") != request_id, f"answered before the awaited event: {message}"
+        if "id" in message:
+            sidecar.backlog.append(message)
     raise AssertionError("sidecar exited")
 
 
