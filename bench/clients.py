@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -48,7 +47,7 @@ NODE_BENCH = ROOT / "clients" / "node" / "bench" / "bench.mjs"
 sys.path.insert(0, str(ROOT))
 
 from bench.protocol import Bench, ping_loop, sidecar_initialize, stream_once  # noqa: E402
-from bench.report import fmt, git_commit, print_aligned, verdict  # noqa: E402
+from bench import report  # noqa: E402
 
 PING_RATIO_TARGET = 1.05
 TOKENS_TARGET_PER_S = 50_000
@@ -210,16 +209,6 @@ def build_rows(summary: dict[str, dict[str, Any]], config: dict[str, Any]) -> li
     return rows
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    cells = []
-    for row in rows:
-        unit = row["unit"]
-        baselines = ", ".join(f"{name} {fmt(v, unit)}" for name, v in row["baselines"].items()) or "-"
-        ratio = f"{row['ratio']:.3f} ({row['ratio_label']})" if row["ratio"] is not None else "-"
-        cells.append((row["metric"], fmt(row["ours"], unit), baselines, ratio, row["target"], verdict(row)))
-    print_aligned(("metric", "ours", "baseline", "ratio", "target", "result"), cells, rows)
-
-
 def environment() -> dict[str, Any]:
     def version(argv: list[str]) -> str | None:
         try:
@@ -227,15 +216,7 @@ def environment() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError, IndexError):
             return None
 
-    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-                            "swift": version(["swift", "--version"]), "node": version(["node", "--version"]),
-                            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-                            "git_commit": git_commit(ROOT)}
-    try:
-        info["cpus_usable"] = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        pass
-    return info
+    return report.environment(ROOT, swift=version(["swift", "--version"]), node=version(["node", "--version"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     env = results["environment"]
     print(f"Client benchmark ({config['rounds']} rounds x {config['pings']} pings per placement, {config['token_runs']} x {config['tokens']} tokens; "
           f"{env.get('cpus_usable', env['cpus'])} usable CPUs, wall {results['wall_s']} s); JSON: {args.output}")
-    print_table(rows)
+    report.print_rows(rows, digits=3)
     return 0
 
 

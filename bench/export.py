@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -52,7 +51,8 @@ RESULTS = ROOT / "bench" / "results" / "export.json"
 CACHE = ROOT / "bench" / "results" / "export-cache"
 sys.path.insert(0, str(ROOT))
 
-from bench.report import git_commit, print_aligned, verdict  # noqa: E402
+from bench import report  # noqa: E402
+from bench.report import print_aligned, verdict  # noqa: E402
 
 SPEED_RATIO_TARGET = 1.5
 RSS_RATIO_TARGET = 1.0
@@ -409,18 +409,7 @@ def print_differences(results: dict[str, Any]) -> None:
 
 
 def environment() -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
-    for package in ("llama_cpp_python", "gguf", "torch", "transformers", "safetensors", "numpy"):
-        try:
-            info[f"{package}_version"] = version(package)
-        except Exception:  # noqa: BLE001
-            info[f"{package}_version"] = None
-    try:
-        info["loadavg"] = os.getloadavg()
-    except OSError:
-        pass
-    info["git_commit"] = git_commit(ROOT)
-    return info
+    return report.environment(ROOT, ("llama_cpp_python", "gguf", "torch", "transformers", "safetensors", "numpy"))
 
 
 def main(argv: list[str] | None = None) -> int:

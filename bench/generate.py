@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -74,7 +73,8 @@ RESULTS = ROOT / "bench" / "results" / "generate.json"
 CACHE = ROOT / "bench" / "results" / "generate-cache"
 sys.path.insert(0, str(ROOT))
 
-from bench.report import fmt, git_commit, print_aligned, verdict  # noqa: E402
+from bench import report  # noqa: E402
+from bench.report import fmt, print_aligned, verdict  # noqa: E402
 from protocol.version import PROTOCOL_VERSION  # noqa: E402
 from sidecar.client import SidecarError, SidecarProcess  # noqa: E402
 
@@ -779,24 +779,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def environment() -> dict[str, Any]:
-    from importlib.metadata import version
-
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "our_protocol_version": PROTOCOL_VERSION,
-    }
-    try:
-        info["cpus_usable"] = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        pass
-    for package in ("torch", "transformers", "tokenizers", "llama_cpp_python", "gguf", "safetensors", "numpy"):
-        try:
-            info[f"{package}_version"] = version(package)
-        except Exception:  # noqa: BLE001
-            info[f"{package}_version"] = None
+    info = report.environment(ROOT, ("torch", "transformers", "tokenizers", "llama_cpp_python", "gguf", "safetensors", "numpy"),
+                              our_protocol_version=PROTOCOL_VERSION)
     try:
         import llama_cpp
 
@@ -804,11 +788,6 @@ def environment() -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         pass
     info["openmp_env"] = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
-    try:
-        info["loadavg"] = os.getloadavg()
-    except OSError:
-        pass
-    info["git_commit"] = git_commit(ROOT)
     return info
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -245,22 +244,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def environment() -> dict[str, Any]:
-    from importlib.metadata import version
+    from bench import report
 
-    from bench.report import git_commit
-
-    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
-    for package in ("torch", "transformers", "peft", "safetensors"):
-        try:
-            info[f"{package}_version"] = version(package)
-        except Exception:  # noqa: BLE001
-            info[f"{package}_version"] = None
-    try:
-        info["loadavg"] = os.getloadavg()
-    except OSError:
-        pass
-    info["git_commit"] = git_commit(ROOT)
-    return info
+    return report.environment(ROOT, ("torch", "transformers", "peft", "safetensors"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "protocol.json"
 sys.path.insert(0, str(ROOT))
 
-from bench.report import fmt, git_commit, print_aligned, verdict  # noqa: E402
+from bench import report  # noqa: E402
 from protocol.version import PROTOCOL_VERSION  # noqa: E402
 
 try:
@@ -457,40 +457,10 @@ def build_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    cells = []
-    for row in rows:
-        unit = row["unit"]
-        baselines = ", ".join(f"{name} {fmt(v, unit)}" for name, v in row["baselines"].items()) or "-"
-        ratio = f"{row['ratio']:.2f} ({row['ratio_label']})" if row["ratio"] is not None else "-"
-        cells.append((row["metric"], fmt(row["ours"], unit), baselines, ratio, row["target"], verdict(row)))
-    print_aligned(("metric", "ours", "baseline(s)", "ratio", "target", "result"), cells, rows)
-
-
 def environment() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "host_json_parser": JSON_PARSER,
-        "our_protocol_version": PROTOCOL_VERSION,
-        "mcp_protocol_version": MCP_PROTOCOL_VERSION,
-    }
-    try:
-        info["cpus_usable"] = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        pass
-    for package in ("mcp", "msgspec", "anyio", "pydantic"):
-        try:
-            from importlib.metadata import version
-
-            info[f"{package}_version"] = version(package)
-        except Exception:  # noqa: BLE001
-            info[f"{package}_version"] = None
-    info["git_commit"] = git_commit(ROOT)
-    return info
+    return report.environment(ROOT, ("mcp", "msgspec", "anyio", "pydantic"),
+                              implementation=platform.python_implementation(), host_json_parser=JSON_PARSER,
+                              our_protocol_version=PROTOCOL_VERSION, mcp_protocol_version=MCP_PROTOCOL_VERSION)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -559,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"Protocol benchmark ({results['environment']['python']}, {results['environment'].get('cpus_usable', results['environment']['cpus'])} "
           f"usable CPUs, wall {results['wall_s']} s); JSON: {args.output}")
-    print_table(rows)
+    report.print_rows(rows)
     return 0
 
 

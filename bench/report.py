@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,9 +48,44 @@ def print_aligned(header: Sequence[str], cells: list[Sequence[str]], rows: list[
         print("All targets met.")
 
 
+def print_rows(rows: list[dict[str, Any]], digits: int = 2) -> None:
+    """Rows of {metric, unit, ours, baselines {name: value}, ratio, ratio_label, target, pass} as a table."""
+    cells = []
+    for row in rows:
+        unit = row["unit"]
+        baselines = ", ".join(f"{name} {fmt(v, unit)}" for name, v in row["baselines"].items()) or "-"
+        ratio = f"{row['ratio']:.{digits}f} ({row['ratio_label']})" if row["ratio"] is not None else "-"
+        cells.append((row["metric"], fmt(row["ours"], unit), baselines, ratio, row["target"], verdict(row)))
+    print_aligned(("metric", "ours", "baseline(s)", "ratio", "target", "result"), cells, rows)
+
+
 def git_commit(root: Path) -> str | None:
     """The commit a benchmark ran on, for its JSON; None outside a git checkout."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def environment(root: Path, packages: Sequence[str] = (), **extra: Any) -> dict[str, Any]:
+    """What every benchmark's JSON records about the machine: interpreter, CPUs, the packages that
+    shape its numbers (None where not installed), the load average and the commit; then `extra`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                            "machine": platform.machine(), "cpus": os.cpu_count(), **extra}
+    try:
+        info["cpus_usable"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        pass
+    for package in packages:
+        try:
+            info[f"{package}_version"] = version(package)
+        except PackageNotFoundError:
+            info[f"{package}_version"] = None
+    try:
+        info["loadavg"] = os.getloadavg()
+    except (AttributeError, OSError):
+        pass
+    info["git_commit"] = git_commit(root)
+    return info
