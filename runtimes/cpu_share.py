@@ -101,7 +101,7 @@ class Governor:
     """One per process: samples the CPUs, and tells each running job how many threads it may use."""
 
     def __init__(self, ceiling: int, adaptive: bool, clock: CpuClock | None = None,
-                 now: Callable[[], float] = time.monotonic, since: tuple[float, float, float] | None = None) -> None:
+                 now: Callable[[], float] = time.monotonic) -> None:
         self.ceiling = max(1, ceiling)
         self.adaptive = adaptive
         self._clock = clock or CpuClock()
@@ -112,7 +112,7 @@ class Governor:
         self._candidate: int | None = None
         self._evidence = 0.0  # seconds of samples that agree on the candidate
         self._samples = 0
-        self._last = since  # (wall, busy, own) at the last sample
+        self._last: tuple[float, float, float] | None = None  # (wall, busy, own) at the last sample; set as a job starts
         self._interval = SAMPLE_EVERY_S
         self._first = False  # the next sample is a job's first: it decides either way at once
         self.reading: Reading | None = None
@@ -245,8 +245,6 @@ TORCH = _Torch()
 
 _governor: Governor | None = None
 _governor_lock = threading.Lock()
-_clock = CpuClock()
-_since_import = (time.monotonic(), _clock.busy_seconds(), _clock.own_seconds())  # a worker's first look spans its start-up
 
 
 def governor() -> Governor:
@@ -256,9 +254,7 @@ def governor() -> Governor:
         if _governor is None:
             ceiling = os.environ.get(ENV_THREADS, "").strip()
             adaptive = os.environ.get(ENV_ADAPT) == "1" and ceiling.isdigit()
-            since = _since_import if _since_import[1] is not None else None
-            _governor = Governor(int(ceiling) if ceiling.isdigit() else (os.cpu_count() or 1), adaptive, _clock,
-                                 since=since)  # type: ignore[arg-type]
+            _governor = Governor(int(ceiling) if ceiling.isdigit() else (os.cpu_count() or 1), adaptive)
         return _governor
 
 
