@@ -184,7 +184,25 @@ class LlamaCppEngine:
         self.model.close()
 
 
-class TransformersEngine:
+class _HfTokenized:
+    """Tokenizing and embedding for engines over a model with a Hugging Face tokenizer (transformers, onnxruntime)."""
+
+    tokenizer: Any
+    loaded: Any
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=True, verbose=False))
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        return self.loaded.encode(text)
+
+    def embed(self, texts: list[str], batch_size: int) -> Any:
+        vectors, _, _ = self.loaded.embed(texts, pooling=None, normalize=True, truncate=True, batch_size=batch_size,
+                                          cancelled=None)
+        return vectors
+
+
+class TransformersEngine(_HfTokenized):
     runtime = "transformers"
 
     def __init__(self, path: Path, *, threads: int, batch_size: int, device: str = "auto", dtype: str = "auto",
@@ -270,17 +288,6 @@ class TransformersEngine:
         self.clear()
         return list(stream_token_ids(self.model, list(ids), Sampling(temperature=0.0), n, self.device))
 
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=True, verbose=False))
-
-    def tokenize_prompt(self, text: str) -> list[int]:
-        return self.loaded.encode(text)
-
-    def embed(self, texts: list[str], batch_size: int) -> Any:
-        vectors, _, _ = self.loaded.embed(texts, pooling=None, normalize=True, truncate=True, batch_size=batch_size,
-                                          cancelled=None)
-        return vectors
-
     def gpu_memory_bytes(self) -> int | None:
         if self.device.startswith("cuda"):
             return int(self._torch.cuda.max_memory_allocated())
@@ -293,7 +300,7 @@ class TransformersEngine:
         self.loaded.close()
 
 
-class OnnxEngine:
+class OnnxEngine(_HfTokenized):
     """An ONNX export (runtimes/onnx) on onnxruntime: the decoder graph with its past fed back at every call."""
 
     runtime = "onnxruntime"
@@ -365,17 +372,6 @@ class OnnxEngine:
             if len(out) < n:
                 self.step(out[-1])
         return out
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=True, verbose=False))
-
-    def tokenize_prompt(self, text: str) -> list[int]:
-        return self.loaded.encode(text)
-
-    def embed(self, texts: list[str], batch_size: int) -> Any:
-        vectors, _, _ = self.loaded.embed(texts, pooling=None, normalize=True, truncate=True, batch_size=batch_size,
-                                          cancelled=None)
-        return vectors
 
     def gpu_memory_bytes(self) -> int | None:
         return None
