@@ -136,6 +136,13 @@ class PendingArtifact:
     metrics: dict[str, Any] = field(default_factory=dict)
     extra_manifest: dict[str, Any] = field(default_factory=dict)
     record: ArtifactRecord | None = None
+    digests: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # path -> (size, mtime_ns, sha256)
+
+    def record_digest(self, file: Path, sha256: str) -> None:
+        """A file's sha256 made while it was written (a quantization hashes its output as it goes): the
+        registry uses it instead of reading the file again, unless the file changed since."""
+        stat = file.stat()
+        self.digests[file.relative_to(self.path).as_posix()] = (stat.st_size, stat.st_mtime_ns, sha256)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,9 +211,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _hash_and_sync(root: Path) -> list[dict[str, Any]]:
+def _hash_and_sync(root: Path, known: dict[str, tuple[int, int, str]]) -> list[dict[str, Any]]:
     """sha256 and size of every file under root, each fsynced: the disk writes back (in a thread)
-    while the digests are computed, which takes about as long again for a freshly written model."""
+    while the digests are computed, which takes about as long again for a freshly written model.
+    A digest in `known` is taken when the file's size and mtime are still the ones it was made for."""
     paths: list[Path] = []
     dirs: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -217,9 +225,12 @@ def _hash_and_sync(root: Path) -> list[dict[str, Any]]:
         synced = [pool.submit(_fsync_file, path) for path in paths]
         files = []
         for path in paths:
-            with open(path, "rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256")
-            files.append({"path": path.relative_to(root).as_posix(), "size": path.stat().st_size, "sha256": digest.hexdigest()})
+            relative, stat = path.relative_to(root).as_posix(), path.stat()
+            size, mtime_ns, digest = known.get(relative, (None, None, None))
+            if (size, mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+                with open(path, "rb") as fh:
+                    digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            files.append({"path": relative, "size": stat.st_size, "sha256": digest})
         for future in synced:
             future.result()
     for directory in dirs:
@@ -582,7 +593,7 @@ class Registry:
         temp, dest = pending.path, pending.dest
         if not temp.is_dir():
             raise FileNotFoundError(errno.ENOENT, "the artifact's temporary directory disappeared", str(temp))
-        files = _hash_and_sync(temp)
+        files = _hash_and_sync(temp, pending.digests)
         created = time.time()
         versions = library_versions()
         manifest: dict[str, Any] = {

@@ -166,6 +166,25 @@ def test_write_artifact_success(reg, tmp_path):
     assert json.dumps(stored.to_dict())
 
 
+
+def test_a_digest_made_while_writing_is_used_unless_the_file_changed(reg, tmp_path):
+    """record_digest spares the registry a second read of a big file (a quantization hashes its output
+    as llama.cpp writes it); a file changed after the digest was recorded is hashed again."""
+    vouched = "0" * 64  # not the bytes' digest: the manifest shows which one the registry took
+    with reg.write_artifact("gguf", tmp_path / "kept") as pending:
+        (pending.path / "model.gguf").write_bytes(b"weights")
+        pending.record_digest(pending.path / "model.gguf", vouched)
+    kept = {f["path"]: f["sha256"] for f in json.loads((tmp_path / "kept" / MANIFEST_NAME).read_text())["files"]}
+    assert kept == {"model.gguf": vouched}
+
+    with reg.write_artifact("gguf", tmp_path / "changed") as pending:
+        (pending.path / "model.gguf").write_bytes(b"weights")
+        pending.record_digest(pending.path / "model.gguf", vouched)
+        with open(pending.path / "model.gguf", "ab") as handle:
+            handle.write(b" and more")
+    changed = {f["path"]: f["sha256"] for f in json.loads((tmp_path / "changed" / MANIFEST_NAME).read_text())["files"]}
+    assert changed == {"model.gguf": hashlib.sha256(b"weights and more").hexdigest()}
+
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_write_artifact_failure_leaves_nothing(reg, tmp_path, error):
     dest = tmp_path / "out" / "merged"
