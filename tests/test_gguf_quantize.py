@@ -89,12 +89,27 @@ def test_type_names() -> None:
     assert set(NEEDS_IMATRIX).isdisjoint(QUANT_TYPES)
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def patient_digest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The digest thread runs at the lowest priority; on a loaded test machine it may pause for longer
+    than the sidecar waits for it (it then leaves the hashing to the registry). Here it is waited for."""
+    monkeypatch.setattr("runtimes.gguf.digest.STALL_S", 5.0)
+
+
 @pytest.mark.parametrize("qtype", list(QUANT_TYPES))
 def test_every_type_quantizes_tiny_loads_and_generates(tiny_f16: Path, tmp_path: Path, qtype: str) -> None:
     steps: list[tuple[int, int]] = []
     out = tmp_path / f"tiny.{qtype}.gguf"
     result = quantize_gguf(tiny_f16, out, qtype.lower(), threads=1, progress=lambda s, t, m: steps.append((s, t)))
     assert result["type"] == qtype and result["tensors"] == 21 and out.stat().st_size == result["bytes"]
+    assert result["sha256"] == file_sha256(out)  # hashed while written, from the header llama.cpp's dry run predicts
     assert result["bytes"] < result["source_bytes"] or qtype in ("Q8_0", "Q6_K")
     assert steps[-1] == (21, 21) and all(a <= b for (a, _), (b, _) in zip(steps, steps[1:]))
     types = tensor_types(out)
@@ -111,7 +126,7 @@ def test_every_type_quantizes_tiny_loads_and_generates(tiny_f16: Path, tmp_path:
 def test_k_quants_are_used_where_rows_allow(wide_f16: Path, tmp_path: Path, qtype: str) -> None:
     out = tmp_path / f"wide.{qtype}.gguf"
     result = quantize_gguf(wide_f16, out, qtype, threads=1)
-    assert result["fallbacks"] == []
+    assert result["fallbacks"] == [] and result["sha256"] == file_sha256(out)
     types = tensor_types(out)
     assert result["tensor_types"] == types
     assert types.get(K_MAIN[qtype], 0) >= 8, types  # most of the 15 matrices have the type's own format
@@ -126,6 +141,16 @@ def test_work_alongside_runs_while_llama_cpp_quantizes_and_its_log_stays_whole(t
     source = inspect_gguf(tiny_f16)
     assert result["alongside"].chat_template == source.chat_template and result["alongside"].eog_tokens == source.eog_tokens
     assert result["tensors"] == 21 and result["tensor_types"] == tensor_types(out)
+
+
+def test_work_alongside_that_fails_fails_the_call_and_leaves_nothing(tiny_f16: Path, tmp_path: Path) -> None:
+    def broken() -> None:
+        raise ValueError("the vocabulary could not be read")
+
+    out = tmp_path / "tiny.Q8_0.gguf"
+    with pytest.raises(ValueError, match="could not be read"):
+        quantize_gguf(tiny_f16, out, "Q8_0", alongside=broken)
+    assert not out.exists()
 
 
 def test_q8_0_greedy_tokens_equal_f16(tiny_f16: Path, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from runtimes.base import UnsupportedModel
+from runtimes.gguf.digest import FollowingDigest, lowest_priority, predict_header
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -46,6 +47,7 @@ NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_X
 
 _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
 _TYPE_FIELD = re.compile(r"type =\s*([^\s,]+)")  # "[ 3/ 273] blk.0.attn_q.weight - [576, 576], type = f16, "
+_PLANNED = re.compile(r"->.*\((\S+)\)\s*$")  # a dry run's "size =  0.63 MiB ->  0.22 MiB (q5_0)"; absent when kept
 _CONVERTING = re.compile(r"converting to\s+([^\s.]+)")  # "converting to q4_K .. size = ..."; absent when kept as is
 _FALLBACK_LINE = re.compile(r"^warning:\s+(\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\).*"
                             r"falling back to\s+(\S+)")
@@ -95,6 +97,15 @@ class _Log:
         if match:  # "[ i/ n] name ..." starts tensor i: i-1 are done
             self.step, self.total, self.tensor = int(match.group(1)) - 1, int(match.group(2)), match.group(3)
 
+    def planned(self) -> list[tuple[str, str]]:
+        """A dry run's plan: (tensor name, ggml type it will be written in), in the order of the output."""
+        plan = []
+        for line in self.lines:
+            if (match := _TENSOR_LINE.match(line)) and (kept := _TYPE_FIELD.search(line)):
+                new = _PLANNED.search(line)
+                plan.append((match.group(3), new.group(1) if new else kept.group(1)))
+        return plan
+
     def error(self) -> str | None:
         for line in reversed(self.lines + [self.buffer]):
             if _FAILED in line:
@@ -124,6 +135,23 @@ class _Log:
         return found
 
 
+class _LogRouter:
+    """llama.cpp has one log callback for the process; this one hands each thread's lines to its own
+    _Log, so a dry run can plan while the real quantization runs."""
+
+    def __init__(self) -> None:
+        self.logs: dict[int, _Log] = {}
+
+    def register(self, log: _Log) -> _Log:
+        self.logs[threading.get_ident()] = log
+        return log
+
+    def feed(self, level: int, text: bytes, user_data: Any) -> None:
+        log = self.logs.get(threading.get_ident())
+        if log is not None:
+            log.feed(level, text, user_data)
+
+
 _KEEP_ALIVE: list[Any] = []  # callbacks of abandoned (cancelled) calls must outlive them
 
 
@@ -135,8 +163,10 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int = 0, progres
     threads <= 0 lets llama.cpp use every hardware thread. Raises QuantizeCancelled when
     `cancelled` is set (at most poll_s later), QuantizeError with llama.cpp's message when it
     refuses (a requantization, an unsupported architecture), OSError(ENOSPC) when the disk filled.
-    `alongside` runs in the calling thread while llama.cpp quantizes (its result is "alongside" in
-    the returned dict): the C call holds no GIL, and its reads and writes leave cores idle.
+    `alongside` runs in a thread of the lowest priority while llama.cpp quantizes (its result is
+    "alongside" in the returned dict): llama.cpp's reads, writes and thread joins leave a third of
+    two cores idle. The result's "sha256" is dst's digest, made while llama.cpp wrote it
+    (runtimes/gguf/digest.py), or None when it could not be.
     """
     import llama_cpp
 
@@ -145,21 +175,33 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int = 0, progres
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[qtype]
     params.nthread = int(threads)
+    router = _LogRouter()
     log = _Log()
-    callback = llama_cpp.llama_log_callback(log.feed)
+    callback = llama_cpp.llama_log_callback(router.feed)
     outcome: dict[str, Any] = {}
 
     def work() -> None:
+        router.register(log)
         outcome["rc"] = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+
+    def plan() -> bytes | None:
+        """llama.cpp's own dry run of the same quantization names each tensor's type: the header follows."""
+        dry = llama_cpp.llama_model_quantize_default_params()
+        dry.ftype, dry.nthread, dry.dry_run = params.ftype, params.nthread, True
+        planned = router.register(_Log())
+        if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(dry)) != 0:
+            return None
+        return predict_header(src, planned.planned(), params.ftype)
 
     started = time.perf_counter()
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    digest = FollowingDigest(dst)
+    digest.start(plan)  # first: it refuses a dst that exists, which it must see before llama.cpp creates it
     worker = threading.Thread(target=work, name="llama-quantize", daemon=True)
     worker.start()
+    side_result = _in_background(alongside) if alongside is not None else None
     reported = -1
     try:
-        if alongside is not None:
-            outcome["alongside"] = alongside()
         while worker.is_alive():
             worker.join(poll_s)
             if cancelled is not None and cancelled.is_set() and worker.is_alive():
@@ -168,24 +210,52 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int = 0, progres
             if progress is not None and log.total and log.step != reported:
                 reported = log.step
                 progress(log.step, log.total, f"quantizing {log.tensor}")
+        seconds = time.perf_counter() - started
+        outcome["alongside"] = side_result() if side_result is not None else None
     except BaseException:
+        digest.abandon()
         dst.unlink(missing_ok=True)
-        raise
-    finally:
         if not worker.is_alive():
             _restore_default_log(llama_cpp)
-    seconds = time.perf_counter() - started
+        raise
     if outcome.get("rc") != 0:
+        digest.abandon()
+        _restore_default_log(llama_cpp)
         try:
             _raise_failure(log.error() or "llama.cpp gave no reason", src, dst)
         finally:
             dst.unlink(missing_ok=True)
+    sha256 = digest.finish()
+    _restore_default_log(llama_cpp)  # after the digest: its dry run logs through the router too
     if progress is not None:
         progress(log.total, log.total, f"quantized {log.total} tensors to {qtype}")
     fallbacks = log.fallbacks()
     return {"type": qtype, "ftype": QUANT_TYPES[qtype], "seconds": round(seconds, 3), "tensors": log.total,
             "bytes": dst.stat().st_size, "source_bytes": src.stat().st_size, "fallbacks": fallbacks,
-            "tensor_types": log.tensor_types(), "alongside": outcome.get("alongside")}
+            "tensor_types": log.tensor_types(), "alongside": outcome.get("alongside"), "sha256": sha256}
+
+
+def _in_background(function: Callable[[], Any]) -> Callable[[], Any]:
+    """Start function in a thread of the lowest priority; the call returned waits for its result or raises its error."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        lowest_priority()
+        try:
+            box["value"] = function()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="quantize-alongside", daemon=True)
+    thread.start()
+
+    def result() -> Any:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    return result
 
 
 def _restore_default_log(llama_cpp: Any) -> None:
