@@ -30,8 +30,14 @@ from typing import Any
 import msgspec
 
 from handlers.context import Context
+from handlers.outputs import destination
 from protocol import messages as m
 from protocol.errors import Cancelled, RpcError
+from runtimes import model_card
+from runtimes.gguf.export import convert_to_gguf
+from runtimes.gguf.modelfile import GgufChat, build_modelfile
+from runtimes.gguf.quantize import QuantizeCancelled, canonical_type, inspect_gguf, quantize_gguf
+from sidecar.registry import library_versions
 
 SCRATCH = ".work"  # inside the artifact's temporary directory; removed before it is renamed into place
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -138,8 +144,6 @@ def export_gguf(params: m.ExportParams, ctx: Context) -> m.ExportResult:
 
 
 def _quant_type(name: str, field_name: str) -> str:
-    from runtimes.gguf.quantize import canonical_type
-
     try:
         return canonical_type(name)
     except ValueError as exc:
@@ -223,8 +227,6 @@ def file_stem(name: str | None, output: str | None, dest: Path, stem: str) -> st
 
 
 def _destination(ctx: Context, output: str | None, name: str | None, stem: str, label: str) -> tuple[str, Path]:
-    from handlers.outputs import destination
-
     run = (getattr(ctx, "run_id", None) or f"local-{int(time.time())}").removeprefix("run-")
     return destination(ctx.services, "gguf", output=output, name=name, default_name=f"{stem}-{label}-{run}")
 
@@ -328,6 +330,8 @@ def _fill(plan: Plan, ctx: Context, pending: Any, parents: list[str], started: f
     scratch.mkdir()
     main = root / f"{plan.stem}.{plan.label}.gguf"
     stats = _make_main(plan, ctx, scratch, main)
+    if stats.get("sha256"):
+        pending.record_digest(main, stats["sha256"])
     adapter_dir = stats.pop("base_dir")
     for adapter in plan.adapters if not plan.merge else []:
         _write_adapter(plan, ctx, adapter, adapter_dir, root)
@@ -357,8 +361,6 @@ def _fill(plan: Plan, ctx: Context, pending: Any, parents: list[str], started: f
 def _make_main(plan: Plan, ctx: Context, scratch: Path, main: Path) -> dict[str, Any]:
     """The main GGUF: (merge,) convert, (quantize). Returns the source size, metrics and the HF
     directory separate adapters are converted against."""
-    from runtimes.gguf.export import convert_to_gguf
-
     metrics: dict[str, Any] = {}
     if plan.gguf_source is not None:
         source, source_bytes, base_dir = plan.gguf_source, plan.gguf_source.stat().st_size, None
@@ -375,11 +377,7 @@ def _make_main(plan: Plan, ctx: Context, scratch: Path, main: Path) -> dict[str,
         stats = convert_to_gguf(hf_dir, source, dtype=plan.outtype, progress=_reporter(ctx, "convert"),
                                 metadata={"general.name": plan.stem})
         metrics.update(parameters=stats.get("parameters"), tensors=stats.get("tensors"))
-    from runtimes.gguf.quantize import inspect_gguf
-
     if plan.quantization is not None:
-        from runtimes.gguf.quantize import QuantizeCancelled, quantize_gguf
-
         ctx.progress("quantize", 0, 1, f"quantizing to {plan.quantization} with llama.cpp")
         try:
             # the tokens and template (quantizing keeps them) are read from the source while llama.cpp works
@@ -394,10 +392,13 @@ def _make_main(plan: Plan, ctx: Context, scratch: Path, main: Path) -> dict[str,
         if source != plan.gguf_source:
             source.unlink()
         info = replace(result["alongside"], tensor_types=result["tensor_types"])
+        sha256 = result["sha256"]  # made while llama.cpp wrote the file: the registry need not read it again
     else:
+        sha256 = None
         info = inspect_gguf(main)  # as llama.cpp reads it: tensor types here, tokens and template for the Modelfile
     metrics["tensor_types"] = info.tensor_types
-    return {"source_bytes": source_bytes, "metrics": metrics, "base_dir": base_dir, "info": info}
+    return {"source_bytes": source_bytes, "metrics": metrics, "base_dir": base_dir, "info": info,
+            "sha256": sha256}
 
 
 def _report_fallbacks(plan: Plan, ctx: Context, fallbacks: list[dict[str, Any]], total: int) -> None:
@@ -455,8 +456,6 @@ def _write_adapter(plan: Plan, ctx: Context, adapter: Adapter, base_dir: Path, r
 
 
 def _write_modelfile(plan: Plan, ctx: Context, main: Path, root: Path, info: Any) -> None:
-    from runtimes.gguf.modelfile import GgufChat, build_modelfile
-
     adapters = [(a.file, a.weight) for a in plan.adapters if a.file]
     chat = GgufChat(info.chat_template, info.bos_token, info.eos_token, info.add_bos, info.control_tokens, info.eog_tokens)
     built = build_modelfile(main.name, chat, adapters=adapters, system=plan.system)
@@ -480,9 +479,6 @@ def _role(name: str, main: str) -> str:
 
 
 def _write_card(plan: Plan, services: Any, root: Path, main: Path, metrics: dict[str, Any], parents: list[str]) -> None:
-    from runtimes import model_card
-    from sidecar.registry import library_versions
-
     files = [(p.name, _role(p.name, main.name), p.stat().st_size) for p in sorted(root.iterdir()) if p.is_file()]
     summary = [f"format: GGUF, `{main.name}` ({model_card.human_size(metrics['size_bytes'])})",
                f"made from `{plan.model.reference}` ({plan.model.source}: `{plan.model.path}`)"]
