@@ -181,8 +181,13 @@ async def _attend(job: "Job", config: Config, proc: asyncio.subprocess.Process, 
         if job.cancelled.is_set():
             on_cancel()
         final = await _relay_events(proc, job, took_it)
-        await proc.wait()
-        await stderr_task
+        if _answered(final):
+            # answered: the worker exits by itself, and waiting for that (~6 ms) need not hold up the answer
+            _reaping.add(task := asyncio.create_task(_reap(proc, stderr_task, config.cancel_grace_s)))
+            task.add_done_callback(_reaping.discard)
+        else:
+            await proc.wait()
+            await stderr_task
     except asyncio.CancelledError:
         _record_run(job, run_id, {"error": RpcError.cancelled()})
         raise
@@ -190,12 +195,33 @@ async def _attend(job: "Job", config: Config, proc: asyncio.subprocess.Process, 
         job.on_cancel.remove(on_cancel)
         for handle in killer:
             handle.cancel()
-        if proc.returncode is None:
-            _kill(proc)
-            await proc.wait()
-        if not stderr_task.done():
-            stderr_task.cancel()
+        if not _answered(final):
+            if proc.returncode is None:
+                _kill(proc)
+                await proc.wait()
+            if not stderr_task.done():
+                stderr_task.cancel()
     return final, tail, bool(took_it)
+
+
+_reaping: set[asyncio.Task] = set()  # exits of workers that have answered
+
+
+def _answered(final: dict[str, Any] | None) -> bool:
+    return final is not None and "result" in final
+
+
+async def _reap(proc: asyncio.subprocess.Process, stderr_task: asyncio.Task, grace_s: float) -> None:
+    """Wait for an answered worker to exit (its last stderr lines still reach ours); one that lingers is killed."""
+    try:
+        await asyncio.wait_for(proc.wait(), grace_s)
+    except asyncio.TimeoutError:
+        _kill(proc)
+        await proc.wait()
+    try:
+        await asyncio.wait_for(stderr_task, 1.0)
+    except asyncio.TimeoutError:
+        stderr_task.cancel()
 
 
 def _record_run(job: "Job", run_id: str, outcome: dict[str, Any]) -> None:

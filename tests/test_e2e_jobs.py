@@ -196,10 +196,11 @@ def _spare_workers(parent: int) -> list[int]:
     return found
 
 
-def _wait_for_spare(parent: int, timeout_s: float = 60.0) -> int:
+def _wait_for_spare(parent: int, timeout_s: float = 60.0, ran: tuple[int, ...] = ()) -> int:
+    """A spare of `parent`'s; `ran` are workers that answered jobs, which may take a moment to exit."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        spares = _spare_workers(parent)
+        spares = [pid for pid in _spare_workers(parent) if pid not in ran]
         if spares:
             return spares[0]
         time.sleep(0.05)
@@ -210,10 +211,10 @@ def _wait_for_spare(parent: int, timeout_s: float = 60.0) -> int:
 def test_the_next_worker_job_takes_the_spare_and_the_spare_goes_with_the_sidecar(sidecar):
     assert not _spare_workers(sidecar.proc.pid)  # none before the first worker job
     first = sidecar.call("debug/sleep", {"seconds": 0.01, "steps": 1})["result"]["pid"]
-    spare = _wait_for_spare(sidecar.proc.pid)
+    spare = _wait_for_spare(sidecar.proc.pid, ran=(first,))
     second = sidecar.call("debug/sleep", {"seconds": 0.01, "steps": 1})["result"]["pid"]
     assert second == spare != first
-    another = _wait_for_spare(sidecar.proc.pid)
+    another = _wait_for_spare(sidecar.proc.pid, ran=(first, second))
     assert another not in (first, second)  # a fresh process per job, never one that ran a job before
     sidecar.call("shutdown")
     sidecar.proc.stdin.close()
@@ -226,8 +227,8 @@ def test_the_next_worker_job_takes_the_spare_and_the_spare_goes_with_the_sidecar
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process table from /proc")
 def test_a_spare_killed_while_it_waits_is_replaced_and_the_job_runs(sidecar):
-    sidecar.call("debug/sleep", {"seconds": 0.01, "steps": 1})
-    spare = _wait_for_spare(sidecar.proc.pid)
+    ran = sidecar.call("debug/sleep", {"seconds": 0.01, "steps": 1})["result"]["pid"]
+    spare = _wait_for_spare(sidecar.proc.pid, ran=(ran,))
     os.kill(spare, signal.SIGKILL)
     response = sidecar.call("debug/sleep", {"seconds": 0.01, "steps": 1})
     assert response["result"]["steps"] == 1 and response["result"]["pid"] != spare
