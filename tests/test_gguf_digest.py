@@ -110,3 +110,21 @@ def test_predicted_header_is_llama_cpp_s(tiny_path: Path, tmp_path: Path) -> Non
     header = predict_header(source, plan, QUANT_TYPES["Q8_0"])
     assert header is not None and out.read_bytes()[:len(header)] == header
     assert not (tmp_path / "unused.gguf").exists()  # a dry run writes nothing
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread nice values are Linux's")
+def test_lower_priority_is_the_calling_thread_s_alone() -> None:
+    from runtimes.gguf.digest import lower_priority
+
+    seen: dict[str, int] = {}
+
+    def lowered() -> None:
+        lower_priority(10)
+        seen["thread"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    thread = threading.Thread(target=lowered)
+    thread.start()
+    thread.join()
+    assert seen["thread"] == max(before, 10)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # the caller's is unchanged

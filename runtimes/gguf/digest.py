@@ -169,7 +169,7 @@ class FollowingDigest:
         return self._hash.hexdigest()
 
     def _run(self, plan: Callable[[], bytes | None]) -> None:
-        lowest_priority()
+        lower_priority(19)
         try:
             header = plan()
             if header is None or self._abandoned:
@@ -212,11 +212,13 @@ class FollowingDigest:
             os.close(fd)
 
 
-def lowest_priority() -> None:
-    """Nice 19 for this thread only (Linux keeps a nice value per thread): it runs when a core would idle."""
+def lower_priority(nice: int) -> None:
+    """A nice value for this thread only (Linux keeps one per thread): it mostly runs when a core would
+    idle. 19 for work that may be given up when starved; 10 for work that must finish, which then still
+    gets a tenth of a core beside each busy thread."""
     if sys.platform.startswith("linux"):
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
         except OSError:
             pass
 

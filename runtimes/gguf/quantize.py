@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from runtimes.base import UnsupportedModel
-from runtimes.gguf.digest import FollowingDigest, lowest_priority, predict_header
+from runtimes.gguf.digest import FollowingDigest, lower_priority, predict_header
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -163,7 +163,7 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int = 0, progres
     threads <= 0 lets llama.cpp use every hardware thread. Raises QuantizeCancelled when
     `cancelled` is set (at most poll_s later), QuantizeError with llama.cpp's message when it
     refuses (a requantization, an unsupported architecture), OSError(ENOSPC) when the disk filled.
-    `alongside` runs in a thread of the lowest priority while llama.cpp quantizes (its result is
+    `alongside` runs in a thread of low priority while llama.cpp quantizes (its result is
     "alongside" in the returned dict): llama.cpp's reads, writes and thread joins leave a third of
     two cores idle. The result's "sha256" is dst's digest, made while llama.cpp wrote it
     (runtimes/gguf/digest.py), or None when it could not be.
@@ -236,11 +236,12 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int = 0, progres
 
 
 def _in_background(function: Callable[[], Any]) -> Callable[[], Any]:
-    """Start function in a thread of the lowest priority; the call returned waits for its result or raises its error."""
+    """Start function in a thread of low priority (nice 10: its result is waited for, so it must not starve);
+    the call returned waits for its result or raises its error."""
     box: dict[str, Any] = {}
 
     def run() -> None:
-        lowest_priority()
+        lower_priority(10)
         try:
             box["value"] = function()
         except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
