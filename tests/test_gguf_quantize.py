@@ -153,6 +153,31 @@ def test_work_alongside_that_fails_fails_the_call_and_leaves_nothing(tiny_f16: P
     assert not out.exists()
 
 
+def test_a_digest_given_up_on_keeps_the_log_callback_alive(tiny_f16: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A digest thread still planning when the quantization is done is given up on (the registry hashes the
+    file instead); its llama.cpp calls may still log, so the callback they use must never be freed."""
+    import time
+
+    import runtimes.gguf.quantize as quantize_module
+
+    real_predict = quantize_module.predict_header
+
+    def slow_predict(*args: Any) -> bytes | None:
+        time.sleep(0.5)
+        return real_predict(*args)
+
+    monkeypatch.setattr(quantize_module, "predict_header", slow_predict)
+    monkeypatch.setattr("runtimes.gguf.digest.STALL_S", 0.01)
+    kept = len(quantize_module._KEEP_ALIVE)
+    result = quantize_gguf(tiny_f16, tmp_path / "tiny.Q8_0.gguf", "Q8_0", threads=1)
+    assert result["sha256"] is None and len(quantize_module._KEEP_ALIVE) == kept + 1
+    monkeypatch.setattr(quantize_module, "predict_header", real_predict)
+    monkeypatch.setattr("runtimes.gguf.digest.STALL_S", 5.0)
+    again = quantize_gguf(tiny_f16, tmp_path / "again.gguf", "Q8_0", threads=1)
+    assert again["sha256"] == file_sha256(tmp_path / "again.gguf")
+
+
 def test_q8_0_greedy_tokens_equal_f16(tiny_f16: Path, tmp_path: Path) -> None:
     q8 = tmp_path / "tiny.Q8_0.gguf"
     quantize_gguf(tiny_f16, q8, "Q8_0", threads=1)

@@ -140,6 +140,11 @@ class FollowingDigest:
         self._thread = threading.Thread(target=self._run, args=(plan,), name="gguf-digest", daemon=True)
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        """Its thread may still be in `plan`, which can call into llama.cpp (and log) after finish() gave up."""
+        return self._thread is not None and self._thread.is_alive()
+
     def abandon(self) -> None:
         self._abandoned = True
         self._done.set()

@@ -205,7 +205,6 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int = 0, progres
         while worker.is_alive():
             worker.join(poll_s)
             if cancelled is not None and cancelled.is_set() and worker.is_alive():
-                _KEEP_ALIVE.append(callback)  # the C call still logs through it
                 raise QuantizeCancelled()
             if progress is not None and log.total and log.step != reported:
                 reported = log.step
@@ -215,18 +214,17 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int = 0, progres
     except BaseException:
         digest.abandon()
         dst.unlink(missing_ok=True)
-        if not worker.is_alive():
-            _restore_default_log(llama_cpp)
+        _hand_back_log(llama_cpp, callback, worker.is_alive() or digest.running)
         raise
     if outcome.get("rc") != 0:
         digest.abandon()
-        _restore_default_log(llama_cpp)
+        _hand_back_log(llama_cpp, callback, digest.running)
         try:
             _raise_failure(log.error() or "llama.cpp gave no reason", src, dst)
         finally:
             dst.unlink(missing_ok=True)
     sha256 = digest.finish()
-    _restore_default_log(llama_cpp)  # after the digest: its dry run logs through the router too
+    _hand_back_log(llama_cpp, callback, digest.running)  # after the digest: its dry run logs through the router too
     if progress is not None:
         progress(log.total, log.total, f"quantized {log.total} tensors to {qtype}")
     fallbacks = log.fallbacks()
@@ -257,6 +255,14 @@ def _in_background(function: Callable[[], Any]) -> Callable[[], Any]:
         return box.get("value")
 
     return result
+
+
+def _hand_back_log(llama_cpp: Any, callback: Any, still_called: bool) -> None:
+    """llama-cpp-python's own log callback again. Ours is kept for good while a C call we gave up on may
+    still call it (it may have read the old pointer just before the swap)."""
+    if still_called:
+        _KEEP_ALIVE.append(callback)
+    _restore_default_log(llama_cpp)
 
 
 def _restore_default_log(llama_cpp: Any) -> None:
