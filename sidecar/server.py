@@ -446,8 +446,12 @@ async def serve(config: Config, wire_in: int, wire_out: int) -> int:
 
 def route_library_warnings() -> None:
     """Libraries' warnings (transformers' FutureWarnings, say) go to the log at debug level, not between
-    a user's results: MLSIDECAR_LOG_LEVEL=DEBUG shows them."""
+    a user's results, and their tqdm progress bars (coremltools' passes) stay out of the stderr a host
+    logs: our progress goes out as $/progress. MLSIDECAR_LOG_LEVEL=DEBUG shows both."""
     import warnings
+
+    if os.environ.get("MLSIDECAR_LOG_LEVEL", "").upper() != "DEBUG":
+        os.environ.setdefault("TQDM_DISABLE", "1")  # read by tqdm (>= 4.66) when a bar is made
 
     library_log = logging.getLogger("sidecar.library")
 

@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' bars in tests run in-process, as the sidecar's workers do
 
 from sidecar.client import SidecarProcess  # noqa: E402
 
@@ -61,7 +62,7 @@ def shared_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def sidecar_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLSIDECAR_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLSIDECAR_") and k != "TQDM_DISABLE"}  # the sidecar's own
     env.update({"MLSIDECAR_HOME": str(home), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, **extra)
     return env
 
