@@ -332,13 +332,14 @@ def inspect_gguf(path: Path, *, tensor_types: bool = True) -> GgufInfo:
         def text(token: int) -> str:
             return llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", "replace") if token >= 0 else ""
 
-        is_control, is_eog = llama_cpp.llama_vocab_is_control, llama_cpp.llama_vocab_is_eog
-        control, eog = [], []
-        for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):  # one pass: ~50k tokens, two C calls each
-            if is_control(vocab, token):
-                control.append(token)
-            if is_eog(vocab, token):
-                eog.append(token)
+        attr, control_bit = llama_cpp.llama_vocab_get_attr, llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+        control = [t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if attr(vocab, t) & control_bit]
+        # llama.cpp's end-of-generation set (llama-vocab.cpp) holds control tokens and these ids only, so only
+        # they are asked about: one C call per token in all instead of two
+        candidates = set(control) | {_eom_token(llama_cpp, model), *(getter(vocab) for getter in (
+            llama_cpp.llama_vocab_eos, llama_cpp.llama_vocab_eot, llama_cpp.llama_vocab_fim_pad,
+            llama_cpp.llama_vocab_fim_rep, llama_cpp.llama_vocab_fim_sep))}
+        eog = sorted(t for t in candidates if t >= 0 and llama_cpp.llama_vocab_is_eog(vocab, t))
         template = llama_cpp.llama_model_chat_template(model, None)
         info = GgufInfo(template.decode("utf-8") if template else None, text(llama_cpp.llama_vocab_bos(vocab)),
                         text(llama_cpp.llama_vocab_eos(vocab)), bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
@@ -346,6 +347,17 @@ def inspect_gguf(path: Path, *, tensor_types: bool = True) -> GgufInfo:
     finally:
         llama_cpp.llama_model_free(model)
     return info
+
+
+def _eom_token(llama_cpp: Any, model: Any) -> int:
+    """The end-of-message id from the metadata (llama.h has no getter for it), or -1."""
+    value = ctypes.create_string_buffer(32)
+    if llama_cpp.llama_model_meta_val_str(model, b"tokenizer.ggml.eom_token_id", value, len(value)) < 0:
+        return -1
+    try:
+        return int(value.value)
+    except ValueError:
+        return -1
 
 
 def _tensor_types(lines: list[str]) -> dict[str, int]:
