@@ -153,6 +153,26 @@ def test_work_alongside_that_fails_fails_the_call_and_leaves_nothing(tiny_f16: P
     assert not out.exists()
 
 
+def test_work_alongside_that_starves_is_done_by_the_caller(tiny_f16: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A nice-19 thread may starve on a busy machine and its nice value cannot be raised again: after the
+    grace the caller runs the work itself."""
+    monkeypatch.setattr("runtimes.gguf.quantize.ALONGSIDE_GRACE_S", 0.01)
+    release, callers = threading.Event(), []
+
+    def read() -> str:
+        callers.append(threading.current_thread().name)
+        if len(callers) == 1:
+            release.wait(10)  # the background run, starved
+        return "read"
+
+    try:
+        result = quantize_gguf(tiny_f16, tmp_path / "tiny.Q8_0.gguf", "Q8_0", threads=1, alongside=read)
+    finally:
+        release.set()
+    assert result["alongside"] == "read" and callers == ["quantize-alongside", threading.current_thread().name]
+
+
 def test_a_digest_given_up_on_keeps_the_log_callback_alive(tiny_f16: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A digest thread still planning when the quantization is done is given up on (the registry hashes the

@@ -218,9 +218,8 @@ class FollowingDigest:
 
 
 def lower_priority(nice: int) -> None:
-    """A nice value for this thread only (Linux keeps one per thread): it mostly runs when a core would
-    idle. 19 for work that may be given up when starved; 10 for work that must finish, which then still
-    gets a tenth of a core beside each busy thread."""
+    """A nice value for this thread only (Linux keeps one per thread): at 19 it runs when a core would
+    idle. It cannot be raised again, so work of such a thread must have a way out when it starves."""
     if sys.platform.startswith("linux"):
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)

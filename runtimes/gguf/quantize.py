@@ -163,7 +163,7 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int = 0, progres
     threads <= 0 lets llama.cpp use every hardware thread. Raises QuantizeCancelled when
     `cancelled` is set (at most poll_s later), QuantizeError with llama.cpp's message when it
     refuses (a requantization, an unsupported architecture), OSError(ENOSPC) when the disk filled.
-    `alongside` runs in a thread of low priority while llama.cpp quantizes (its result is
+    `alongside` runs in a nice-19 thread while llama.cpp quantizes (its result is
     "alongside" in the returned dict): llama.cpp's reads, writes and thread joins leave a third of
     two cores idle. The result's "sha256" is dst's digest, made while llama.cpp wrote it
     (runtimes/gguf/digest.py), or None when it could not be.
@@ -233,13 +233,18 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int = 0, progres
             "tensor_types": log.tensor_types(), "alongside": outcome.get("alongside"), "sha256": sha256}
 
 
+ALONGSIDE_GRACE_S = 0.25  # after the quantization, how long a background `alongside` is waited for
+
+
 def _in_background(function: Callable[[], Any]) -> Callable[[], Any]:
-    """Start function in a thread of low priority (nice 10: its result is waited for, so it must not starve);
-    the call returned waits for its result or raises its error."""
+    """Start function (which must be safe to run twice) in a nice-19 thread, which runs in the idle time
+    llama.cpp leaves; the call returned gives its result or raises its error. If it has not finished
+    ALONGSIDE_GRACE_S after that call (starved on a busy machine: a nice value cannot be raised again),
+    the caller runs it itself."""
     box: dict[str, Any] = {}
 
     def run() -> None:
-        lower_priority(10)
+        lower_priority(19)
         try:
             box["value"] = function()
         except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
@@ -249,7 +254,9 @@ def _in_background(function: Callable[[], Any]) -> Callable[[], Any]:
     thread.start()
 
     def result() -> Any:
-        thread.join()
+        thread.join(ALONGSIDE_GRACE_S)
+        if thread.is_alive():
+            return function()
         if "error" in box:
             raise box["error"]
         return box.get("value")
