@@ -113,13 +113,13 @@ def test_predicted_header_is_llama_cpp_s(tiny_path: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread nice values are Linux's")
-def test_lower_priority_is_the_calling_thread_s_alone() -> None:
-    from runtimes.gguf.digest import lower_priority
+def test_lowest_priority_is_the_calling_thread_s_alone() -> None:
+    from runtimes.gguf.digest import lowest_priority
 
     seen: dict[str, int] = {}
 
     def lowered() -> None:
-        lower_priority(19)
+        lowest_priority()
         seen["thread"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())

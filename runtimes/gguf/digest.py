@@ -16,6 +16,7 @@ the hashing to the registry as before.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import sys
@@ -34,31 +35,27 @@ class _InitParams(ctypes.Structure):
     _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.POINTER(ctypes.c_void_p))]
 
 
-_api: ctypes.CDLL | None = None
-
-
+@functools.cache
 def _gguf_api() -> ctypes.CDLL:
     """libggml-base from llama-cpp-python's wheel, with the signatures of the gguf calls used here."""
-    global _api
-    if _api is None:
-        import llama_cpp
-        from llama_cpp._ctypes_extensions import load_shared_library
+    import llama_cpp
+    from llama_cpp._ctypes_extensions import load_shared_library
 
-        lib = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
-        p, s, i64, u32 = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_uint32
-        for name, restype, argtypes in (
-            ("gguf_init_from_file", p, [s, _InitParams]), ("gguf_init_empty", p, []), ("gguf_free", None, [p]),
-            ("gguf_set_kv", None, [p, p]), ("gguf_set_val_u32", None, [p, s, u32]), ("gguf_remove_key", i64, [p, s]),
-            ("gguf_add_tensor", None, [p, p]), ("gguf_set_tensor_type", None, [p, s, ctypes.c_int]),
-            ("gguf_get_meta_size", ctypes.c_size_t, [p]), ("gguf_get_meta_data", None, [p, p]),
-            ("ggml_get_tensor", p, [p, s]), ("ggml_free", None, [p]), ("ggml_type_name", s, [ctypes.c_int]),
-        ):
-            function = getattr(lib, name)
-            function.restype, function.argtypes = restype, argtypes
-        _api = lib
-    return _api
+    lib = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
+    p, s, i64, u32 = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_uint32
+    for name, restype, argtypes in (
+        ("gguf_init_from_file", p, [s, _InitParams]), ("gguf_init_empty", p, []), ("gguf_free", None, [p]),
+        ("gguf_set_kv", None, [p, p]), ("gguf_set_val_u32", None, [p, s, u32]), ("gguf_remove_key", i64, [p, s]),
+        ("gguf_add_tensor", None, [p, p]), ("gguf_set_tensor_type", None, [p, s, ctypes.c_int]),
+        ("gguf_get_meta_size", ctypes.c_size_t, [p]), ("gguf_get_meta_data", None, [p, p]),
+        ("ggml_get_tensor", p, [p, s]), ("ggml_free", None, [p]), ("ggml_type_name", s, [ctypes.c_int]),
+    ):
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
+    return lib
 
 
+@functools.cache
 def ggml_types() -> dict[str, int]:
     """ggml type name ('q4_K') -> its enum value, as this llama.cpp build names them."""
     import llama_cpp
@@ -174,7 +171,7 @@ class FollowingDigest:
         return self._hash.hexdigest()
 
     def _run(self, plan: Callable[[], bytes | None]) -> None:
-        lower_priority(19)
+        lowest_priority()
         try:
             header = plan()
             if header is None or self._abandoned:
@@ -217,28 +214,28 @@ class FollowingDigest:
             os.close(fd)
 
 
-def lower_priority(nice: int) -> None:
-    """A nice value for this thread only (Linux keeps one per thread): at 19 it runs when a core would
-    idle. It cannot be raised again, so work of such a thread must have a way out when it starves."""
+def lowest_priority() -> None:
+    """Nice 19 for this thread only (Linux keeps one per thread): it runs when a core would idle. It
+    cannot be raised again, so work of such a thread must have a way out when it starves."""
     if sys.platform.startswith("linux"):
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         except OSError:
             pass
 
 
-_libc: ctypes.CDLL | None = None
+@functools.cache
+def _sync_file_range() -> Callable[..., int]:
+    function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
     """sync_file_range(SYNC_FILE_RANGE_WRITE): the disk starts writing these pages now, without waiting."""
-    global _libc
     if not sys.platform.startswith("linux"):
         return
     try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        _libc.sync_file_range(fd, offset, length, 2)
+        _sync_file_range()(fd, offset, length, 2)
     except (OSError, AttributeError):
         pass

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from runtimes.base import UnsupportedModel
-from runtimes.gguf.digest import FollowingDigest, lower_priority, predict_header
+from runtimes.gguf.digest import FollowingDigest, lowest_priority, predict_header
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -152,7 +152,7 @@ class _LogRouter:
             log.feed(level, text, user_data)
 
 
-_KEEP_ALIVE: list[Any] = []  # callbacks of abandoned (cancelled) calls must outlive them
+_KEEP_ALIVE: list[Any] = []  # log callbacks of C calls given up on (cancelled, or a stalled digest's dry run)
 
 
 def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int = 0, progress: ProgressFn | None = None,
@@ -244,7 +244,7 @@ def _in_background(function: Callable[[], Any]) -> Callable[[], Any]:
     box: dict[str, Any] = {}
 
     def run() -> None:
-        lower_priority(19)
+        lowest_priority()
         try:
             box["value"] = function()
         except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
